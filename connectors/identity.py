@@ -1,0 +1,273 @@
+"""Tokens from the platform's identity endpoint, through azure-identity's protocol code.
+
+azure-identity's credentials keep a token cache of their own and, when asked again, hand back
+the cached token for 30 s after any attempt and swallow refresh errors. The broker's cache must
+see every upstream answer and every failure, so this module drives the SDK one layer down:
+``AsyncManagedIdentityClient`` (request shapes per platform, response parsing, Arc's challenge)
+with the SDK's own retries switched off; timeout and retry are ours (``connectors.retry``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from azure.core.exceptions import (
+    ServiceRequestError,
+    ServiceRequestTimeoutError,
+    ServiceResponseError,
+    ServiceResponseTimeoutError,
+)
+from azure.core.rest import HttpRequest
+
+from connectors import errors
+from connectors.retry import RetryPolicy, parse_retry_after, retry_delay
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["app_service", "imds", "arc", "workload", "client_secret"]
+IdentityKind = Literal["default", "client_id", "object_id", "mi_res_id"]
+
+UPSTREAM = "identity endpoint"
+IMDS_DEFAULT = "http://169.254.169.254"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which identity a token is for: the broker's default, or a user-assigned one by one id."""
+
+    kind: IdentityKind = "default"
+    value: str = ""
+
+    def __str__(self) -> str:
+        return "default" if self.kind == "default" else f"{self.kind}={self.value}"
+
+
+DEFAULT_IDENTITY = Identity()
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str = field(repr=False)
+    expires_on: float  # epoch seconds, as the upstream said
+    obtained_at: float  # epoch seconds when the request was sent
+    refresh_on: float | None = None  # the upstream's refresh_in, made absolute
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_on - self.obtained_at
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where tokens come from; built by the broker from its configuration and environment."""
+
+    kind: SourceKind
+    endpoint: str = ""  # app_service / arc: IDENTITY_ENDPOINT; imds: base URL
+    header: str = field(default="", repr=False)  # app_service: IDENTITY_HEADER
+    client_id: str = ""  # default user-assigned identity (managed identity) or app id
+    tenant_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    token_file: str = ""  # workload identity: the federated token file
+    authority: str = ""  # client_secret / workload: login endpoint override
+    ca_file: str = ""  # extra CA for the endpoint (tests, private clouds)
+
+
+# Each platform names a user-assigned identity's ids differently.
+_ID_PARAMS: dict[SourceKind, dict[IdentityKind, str]] = {
+    "app_service": {"client_id": "client_id", "object_id": "principal_id", "mi_res_id": "mi_res_id"},
+    "imds": {"client_id": "client_id", "object_id": "object_id", "mi_res_id": "msi_res_id"},
+    "arc": {},
+}
+
+
+def _app_service_request(url: str, resource: str, identity_config: dict[str, str]) -> HttpRequest:
+    params = {"api-version": "2019-08-01", "resource": resource, **identity_config}
+    return HttpRequest("GET", url, params=params)
+
+
+def _imds_request(base: str, resource: str, identity_config: dict[str, str]) -> HttpRequest:
+    params = {"api-version": "2018-02-01", "resource": resource, **identity_config}
+    return HttpRequest("GET", base.rstrip("/") + "/metadata/identity/oauth2/token", params=params)
+
+
+Requester = Callable[[str], Awaitable[Any]]
+
+
+class IdentityClient:
+    """Fetches tokens for (resource, identity), one upstream exchange per call, with retries."""
+
+    def __init__(
+        self,
+        source: Source,
+        retry: RetryPolicy | None = None,
+        *,
+        observe: Callable[[str, float], None] | None = None,
+        rand: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.source = source
+        self._retry = retry or RetryPolicy()
+        self._observe = observe
+        self._rand = rand
+        self._sleep = sleep
+        self._clients: dict[Identity, Any] = {}
+        self._closed = False
+
+    async def fetch(self, resource: str, identity: Identity = DEFAULT_IDENTITY) -> Token:
+        if self._closed:
+            raise errors.Unreachable(UPSTREAM, "the broker is shutting down")
+        request = self._requester(identity)
+        attempt = 0
+        while True:
+            attempt += 1
+            obtained_at = time.time()
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self._retry.timeout):
+                    info = await request(resource)
+            except Exception as exc:  # every SDK failure is classified below, none escapes raw
+                error = _classify(exc, self._retry.timeout)
+                self._note(type(error).__name__, started)
+                delay = retry_delay(self._retry, attempt, error, self._rand())
+                if delay is None:
+                    raise error from None
+                log.info(
+                    "identity endpoint attempt %d for %s failed (%s); retrying in %.1fs",
+                    attempt, resource, error.message, delay,
+                )
+                await self._sleep(delay)
+                continue
+            self._note("ok", started)
+            refresh_on = getattr(info, "refresh_on", None)
+            return Token(
+                value=str(info.token),
+                expires_on=float(info.expires_on),
+                obtained_at=obtained_at,
+                refresh_on=float(refresh_on) if refresh_on else None,
+            )
+
+    async def close(self) -> None:
+        self._closed = True
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await asyncio.shield(client.close())
+
+    def _note(self, outcome: str, started: float) -> None:
+        if self._observe is not None:
+            self._observe(outcome, time.monotonic() - started)
+
+    def _requester(self, identity: Identity) -> Requester:
+        client = self._clients.get(identity)
+        if client is None:
+            client = self._clients[identity] = self._build(identity)
+        if self.source.kind in ("workload", "client_secret"):
+            # Credentials for app registrations take scopes; _request_token skips their cache.
+            return lambda resource: client._request_token(resource + "/.default")  # noqa: SLF001
+        return cast(Requester, client.request_token)
+
+    def _build(self, identity: Identity) -> Any:
+        src = self.source
+        sdk_options: dict[str, Any] = {
+            "retry_total": 0,  # retries are ours
+            "connection_timeout": self._retry.timeout,
+            "read_timeout": self._retry.timeout,
+        }
+        if src.ca_file:
+            sdk_options["connection_verify"] = src.ca_file
+        if src.kind in ("workload", "client_secret"):
+            if identity.kind != "default":
+                raise errors.Rejected(UPSTREAM, f"source {src.kind} has one identity; cannot act as {identity}", 400)
+            if src.authority:
+                sdk_options["authority"] = src.authority
+            if src.kind == "client_secret":
+                from azure.identity.aio import ClientSecretCredential
+
+                return ClientSecretCredential(src.tenant_id, src.client_id, src.client_secret, **sdk_options)
+            from azure.identity.aio import WorkloadIdentityCredential
+
+            return WorkloadIdentityCredential(
+                tenant_id=src.tenant_id, client_id=src.client_id, token_file_path=src.token_file, **sdk_options
+            )
+
+        # Private API, pinned in pyproject: the cache-free protocol client under every MI credential.
+        from azure.identity.aio._internal.managed_identity_client import AsyncManagedIdentityClient
+
+        identity_config: dict[str, str] = {}
+        if identity.kind != "default":
+            name = _ID_PARAMS[src.kind].get(identity.kind)
+            if name is None:
+                raise errors.Rejected(UPSTREAM, f"source {src.kind} does not support user-assigned identities", 400)
+            identity_config[name] = identity.value
+        elif src.client_id:
+            identity_config["client_id"] = src.client_id
+
+        if src.kind == "app_service":
+            return AsyncManagedIdentityClient(
+                request_factory=functools.partial(_app_service_request, src.endpoint),
+                identity_config=identity_config,
+                base_headers={"X-IDENTITY-HEADER": src.header},
+                **sdk_options,
+            )
+        if src.kind == "imds":
+            return AsyncManagedIdentityClient(
+                request_factory=functools.partial(_imds_request, src.endpoint or IMDS_DEFAULT),
+                identity_config=identity_config,
+                base_headers={"Metadata": "true"},
+                **sdk_options,
+            )
+        from azure.identity._credentials.azure_arc import _get_request as arc_request
+        from azure.identity.aio._credentials.azure_arc import ArcChallengeAuthPolicy
+
+        return AsyncManagedIdentityClient(
+            _per_retry_policies=[ArcChallengeAuthPolicy()],
+            request_factory=functools.partial(arc_request, src.endpoint),
+            identity_config=identity_config,
+            **sdk_options,
+        )
+
+
+def _classify(exc: BaseException, timeout: float) -> errors.ConnectorError:
+    """Put any failure of an SDK call into one of the connector error families."""
+    if isinstance(exc, errors.ConnectorError):
+        return exc
+    if isinstance(exc, (TimeoutError, ServiceRequestTimeoutError, ServiceResponseTimeoutError)):
+        return errors.TimedOut(UPSTREAM, f"no answer within {timeout:g}s")
+    response: Any = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if response is None or not isinstance(status, int):
+        if isinstance(exc, ServiceRequestError):
+            return errors.Unreachable(UPSTREAM, "cannot connect")
+        if isinstance(exc, (ServiceResponseError, OSError)):
+            return errors.Unreachable(UPSTREAM, "connection dropped before an answer")
+        return errors.ServerError(UPSTREAM, f"unusable answer ({type(exc).__name__})", 0)
+    code, description = _error_fields(response)
+    what = f"answered {status}" + (f" {code}" if code else "") + (f": {description}" if description else "")
+    if status == 429:
+        return errors.Throttled(UPSTREAM, what, parse_retry_after(response.headers.get("Retry-After")))
+    if status >= 500 or 200 <= status < 300:
+        return errors.ServerError(UPSTREAM, what, status, code)
+    return errors.Rejected(UPSTREAM, what, status, code)
+
+
+def _error_fields(response: Any) -> tuple[str, str]:
+    """The OAuth ``error`` and ``error_description`` of an error body, made safe to show."""
+    try:
+        body = json.loads(response.text())
+    except Exception:  # a non-JSON body has nothing we want to repeat
+        return "", ""
+    if not isinstance(body, dict):
+        return "", ""
+    error = body.get("error")
+    if isinstance(error, dict):  # some endpoints nest {"error": {"code", "message"}}
+        code, description = error.get("code", ""), error.get("message", "")
+    else:
+        code, description = error or "", body.get("error_description", "")
+    return errors.safe_text(str(code), 60), errors.safe_text(str(description))
