@@ -41,7 +41,7 @@ class PlainFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
-    def formatException(self, ei: object) -> str:  # noqa: N802 (logging's name)
+    def formatException(self, ei: object) -> str:
         exc_type = ei[0] if isinstance(ei, tuple) else None
         return f"({getattr(exc_type, '__name__', 'exception')})"
 

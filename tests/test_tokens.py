@@ -104,7 +104,7 @@ async def test_cancelled_caller_does_not_cancel_shared_fetch() -> None:
 async def test_background_refresh_at_half_life() -> None:
     upstream = FakeUpstream(1.0)
     cache = TokenCache(fetch=upstream)
-    first, _ = await cache.get(KEY)
+    await cache.get(KEY)
     await asyncio.sleep(0.7)  # past half-life: the refresh ran without any caller
     assert upstream.calls == 2
     second, hit = await cache.get(KEY)
