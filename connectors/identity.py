@@ -170,7 +170,7 @@ class IdentityClient:
             client = self._clients[identity] = self._build(identity)
         if self.source.kind in ("workload", "client_secret"):
             # Credentials for app registrations take scopes; _request_token skips their cache.
-            return lambda resource: client._request_token(resource + "/.default")  # noqa: SLF001
+            return lambda resource: client._request_token(resource + "/.default")
         return cast(Requester, client.request_token)
 
     def _build(self, identity: Identity) -> Any:

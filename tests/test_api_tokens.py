@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from broker.emulator import Fault
-from tests.conftest import KEY, BrokerFactory, RunningBroker, record
+from tests.conftest import BASE_CONFIG, KEY, BrokerFactory, RunningBroker, record
 
 VAULT = "https://vault.azure.net"
 SQL = "https://database.windows.net/"
@@ -244,3 +244,30 @@ async def test_stale_socket_file_does_not_block_start(make_broker: BrokerFactory
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     await broker.broker.stop()
     assert not path.exists()
+
+
+IMDS_BASE = BASE_CONFIG.replace("shutdown_grace = 5", 'shutdown_grace = 5\nimds_compat = true\nimds_client = "limited"')
+
+
+async def test_imds_compat_path(make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker = await make_broker(base=IMDS_BASE)
+    path = f"{broker.http_url}/metadata/identity/oauth2/token"
+    params = {"api-version": "2018-02-01", "resource": SQL}
+    session = broker.tcp()
+    # over TCP with no key: the imds_client's rights, as with the real IMDS
+    async with session.get(path, params=params, headers={"Metadata": "true"}) as response:
+        assert response.status == 200
+        record((await response.json())["access_token"])
+    async with session.get(path, params={**params, "resource": VAULT}, headers={"Metadata": "true"}) as response:
+        assert response.status == 403  # "limited" may not have vault tokens
+    async with session.get(path, params=params) as response:
+        assert response.status == 400  # Metadata: true is required
+    # azure-identity's IMDS client, pointed at the broker the way pod identity does
+    from azure.identity.aio import ManagedIdentityCredential
+
+    for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER", "MSI_ENDPOINT", "IMDS_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", broker.http_url)
+    async with ManagedIdentityCredential() as credential:
+        token = await credential.get_token(SQL + ".default")
+    assert broker.emulator.verify_token(record(token.token), SQL.rstrip("/"))
