@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -76,6 +76,34 @@ class Metrics:
             ["route", "status"],
             registry=self.registry,
         )
+
+        self.secret_requests = Counter(
+            "tokenbroker_secret_requests",
+            "Secret requests by vault and outcome (hit, miss, stale, error, denied, unknown)",
+            ["vault", "outcome"],
+            registry=self.registry,
+        )
+        self.vault_seconds = Histogram(
+            "tokenbroker_vault_request_seconds",
+            "Time of each Key Vault attempt, by vault and outcome",
+            ["vault", "outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.vault_label = _Bounded(16)
+
+    def watch_secrets(self, size: Callable[[], int]) -> None:
+        gauge = Gauge("tokenbroker_secret_cache_entries", "Secrets held in the cache", registry=self.registry)
+        gauge.set_function(lambda: float(size()))
+
+    def secret_request(self, vault: str, outcome: str) -> None:
+        self.secret_requests.labels(self.vault_label(vault), outcome).inc()
+
+    def vault(self, alias: str) -> Callable[[str, float], None]:
+        def observe(outcome: str, seconds: float) -> None:
+            self.vault_seconds.labels(alias, outcome).observe(seconds)
+
+        return observe
 
     def watch_tokens(self, states: Callable[[], list[TokenState]]) -> None:
         self.registry.register(_TokenExpiry(states, self.resource_label))

@@ -9,22 +9,24 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from broker.api import make_app
-from broker.api.state import Lifecycle, Services
+from broker.api.state import DatabaseInfo, Lifecycle, Services
 from broker.config import ClientConfig, Config, IdentityConfig
 from broker.emulator import Emulator
 from broker.errors import ConfigError
 from broker.metrics import Metrics
 from broker.policy import Client, Policy
 from broker.ratelimit import RateLimiter
+from broker.secrets import SecretCache, SecretKey, VaultRules
 from broker.tokens import TokenCache, TokenKey
-from connectors.identity import DEFAULT_IDENTITY, IMDS_DEFAULT, IdentityClient, Source
+from connectors.identity import DEFAULT_IDENTITY, IMDS_DEFAULT, IdentityClient, Source, Token
+from connectors.keyvault import Secret, VaultClient
 from connectors.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -202,6 +204,27 @@ class Broker:
 
         tokens = TokenCache(fetch=lambda key: identity.fetch(key.resource, key.identity))
         self.metrics.watch_tokens(tokens.states)
+
+        async def broker_token(resource: str) -> Token:
+            token, _ = await tokens.get(TokenKey(DEFAULT_IDENTITY, resource))
+            return token
+
+        vaults = {
+            alias: VaultClient(
+                alias, vault.url, broker_token, ca_file=vault.ca_file,
+                verify_challenge_resource=vault.verify_challenge_resource,
+                retry=retry, observe=self.metrics.vault(alias),
+            )
+            for alias, vault in cfg.vaults.items()
+        }
+
+        def read_secret(key: SecretKey) -> Coroutine[object, object, Secret]:
+            return vaults[key.vault].get(key.name, key.version)
+
+        secrets = SecretCache(
+            {alias: VaultRules(v.cache_ttl, v.stale_if_error) for alias, v in cfg.vaults.items()}, read_secret
+        )
+        self.metrics.watch_secrets(lambda: len(secrets))
         policy = Policy.build([policy_client(c) for c in cfg.clients], owner_uid=os.getuid())
         imds_client = policy.by_name(cfg.server.imds_client) if cfg.server.imds_client else None
 
@@ -214,6 +237,11 @@ class Broker:
         services = Services(
             policy=policy,
             tokens=tokens,
+            secrets=secrets,
+            vaults=frozenset(vaults),
+            databases=tuple(
+                DatabaseInfo(name, db.kind, f"{db.host}:{db.port}/{db.database}") for name, db in cfg.databases.items()
+            ),
             metrics=self.metrics,
             lifecycle=self.lifecycle,
             limiter=RateLimiter.empty(),
@@ -230,6 +258,9 @@ class Broker:
             warm.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.shield(warm)
+            await asyncio.shield(secrets.close())
+            for vault_client in vaults.values():
+                await asyncio.shield(vault_client.close())
             await asyncio.shield(tokens.close())
             await asyncio.shield(identity.close())
 

@@ -130,6 +130,13 @@ async def test_serve_dev_works_out_of_the_box(tmp_path: Path) -> None:
         out, _ = await asyncio.wait_for(pasted.communicate(), 30)
         assert "access_token" in json.loads(out)
         record(json.loads(out)["access_token"])
+        # and the printed secret command
+        command = re.search(r"curl -s --unix-socket .*?\n.*?'http://localhost/v1/secrets/demo/[^']*'", shown)
+        assert command is not None, shown
+        pasted = await asyncio.create_subprocess_shell(command.group(0).replace("\\\n", " "),
+                                                       stdout=subprocess.PIPE)
+        out, _ = await asyncio.wait_for(pasted.communicate(), 30)
+        assert record(out.decode()).startswith("Hello")
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)

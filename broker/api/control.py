@@ -67,8 +67,12 @@ async def status(request: web.Request) -> web.Response:
             "ready": all(v == "ok" for v in checks.values()),
             "checks": checks,
             "tokens": tokens,
-            "secrets": [],
-            "databases": [],
+            "secrets": [
+                {"vault": s.vault, "name": s.name, "version": s.version, "age": round(s.age),
+                 "stale": s.stale, "reads": s.reads}
+                for s in services.secrets.states()
+            ],
+            "databases": [{"name": d.name, "kind": d.kind, "target": d.target} for d in services.databases],
             "proxy_connections": [],
         }
     )

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 PROBES = frozenset({"/livez", "/readyz", "/startupz", "/metrics"})
 IMDS_PATH = "/metadata/identity/oauth2/token"
-KEY_HEADERS = ("X-IDENTITY-HEADER", "secret")
+# dapr-api-token: Dapr clients send DAPR_API_TOKEN there, so they work unchanged with a client key.
+KEY_HEADERS = ("X-IDENTITY-HEADER", "secret", "dapr-api-token")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from broker.metrics import Metrics
 from broker.policy import Client, Policy
 from broker.ratelimit import RateLimiter
+from broker.secrets import SecretCache
 from broker.tokens import TokenCache
 
 Role = Literal["unix", "tcp", "health"]
@@ -28,9 +29,19 @@ class Lifecycle:
 
 
 @dataclass(frozen=True)
+class DatabaseInfo:
+    name: str
+    kind: str
+    target: str  # host:port/database, for status
+
+
+@dataclass(frozen=True)
 class Services:
     policy: Policy
     tokens: TokenCache
+    secrets: SecretCache
+    vaults: frozenset[str]
+    databases: tuple[DatabaseInfo, ...]
     metrics: Metrics
     lifecycle: Lifecycle
     limiter: RateLimiter
