@@ -15,9 +15,10 @@ import json
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from azure.core.exceptions import (
     ServiceRequestError,
@@ -36,6 +37,7 @@ SourceKind = Literal["app_service", "imds", "arc", "workload", "client_secret"]
 IdentityKind = Literal["default", "client_id", "object_id", "mi_res_id"]
 
 UPSTREAM = "identity endpoint"
+MAX_IDENTITIES = 32
 IMDS_DEFAULT = "http://169.254.169.254"
 
 
@@ -98,7 +100,19 @@ def _imds_request(base: str, resource: str, identity_config: dict[str, str]) -> 
     return HttpRequest("GET", base.rstrip("/") + "/metadata/identity/oauth2/token", params=params)
 
 
-Requester = Callable[[str], Awaitable[Any]]
+@dataclass
+class _Protocol:
+    """An SDK protocol client for one identity, and how many requests are using it."""
+
+    client: Any
+    users: int = 0
+    evicted: bool = False
+
+    async def request(self, resource: str, app_registration: bool) -> Any:
+        if app_registration:
+            # Credentials for app registrations take scopes; _request_token skips their cache.
+            return await self.client._request_token(resource + "/.default")
+        return await self.client.request_token(resource)
 
 
 class IdentityClient:
@@ -118,21 +132,26 @@ class IdentityClient:
         self._observe = observe
         self._rand = rand
         self._sleep = sleep
-        self._clients: dict[Identity, Any] = {}
+        # One protocol client per identity (its parameters are fixed at construction), kept in
+        # an LRU: callers allowed "*" identities must not grow it without end.
+        self._clients: OrderedDict[Identity, _Protocol] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     async def fetch(self, resource: str, identity: Identity = DEFAULT_IDENTITY) -> Token:
         if self._closed:
             raise errors.Unreachable(UPSTREAM, "the broker is shutting down")
-        request = self._requester(identity)
+        app_registration = self.source.kind in ("workload", "client_secret")
         attempt = 0
         while True:
             attempt += 1
             obtained_at = time.time()
             started = time.monotonic()
+            protocol = self._protocol(identity)
+            protocol.users += 1
             try:
                 async with asyncio.timeout(self._retry.timeout):
-                    info = await request(resource)
+                    info = await protocol.request(resource, app_registration)
             except Exception as exc:  # every SDK failure is classified below, none escapes raw
                 error = _classify(exc, self._retry.timeout)
                 self._note(type(error).__name__, started)
@@ -145,6 +164,10 @@ class IdentityClient:
                 )
                 await self._sleep(delay)
                 continue
+            finally:
+                protocol.users -= 1
+                if protocol.evicted and protocol.users == 0:
+                    self._close_later(protocol)
             self._note("ok", started)
             refresh_on = getattr(info, "refresh_on", None)
             return Token(
@@ -156,22 +179,33 @@ class IdentityClient:
 
     async def close(self) -> None:
         self._closed = True
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await asyncio.shield(client.close())
+        protocols, self._clients = list(self._clients.values()), OrderedDict()
+        for protocol in protocols:
+            await asyncio.shield(protocol.client.close())
+        if self._closing:
+            await asyncio.shield(asyncio.gather(*self._closing, return_exceptions=True))
 
     def _note(self, outcome: str, started: float) -> None:
         if self._observe is not None:
             self._observe(outcome, time.monotonic() - started)
 
-    def _requester(self, identity: Identity) -> Requester:
-        client = self._clients.get(identity)
-        if client is None:
-            client = self._clients[identity] = self._build(identity)
-        if self.source.kind in ("workload", "client_secret"):
-            # Credentials for app registrations take scopes; _request_token skips their cache.
-            return lambda resource: client._request_token(resource + "/.default")
-        return cast(Requester, client.request_token)
+    def _protocol(self, identity: Identity) -> _Protocol:
+        protocol = self._clients.get(identity)
+        if protocol is not None:
+            self._clients.move_to_end(identity)
+            return protocol
+        protocol = self._clients[identity] = _Protocol(self._build(identity))
+        if len(self._clients) > MAX_IDENTITIES:
+            _, evicted = self._clients.popitem(last=False)
+            evicted.evicted = True
+            if evicted.users == 0:  # else the last request using it closes it
+                self._close_later(evicted)
+        return protocol
+
+    def _close_later(self, protocol: _Protocol) -> None:
+        task = asyncio.create_task(protocol.client.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _build(self, identity: Identity) -> Any:
         src = self.source
