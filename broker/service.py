@@ -245,7 +245,7 @@ class Broker:
             metrics=self.metrics,
             lifecycle=self.lifecycle,
             limiter=RateLimiter.empty(),
-            health_sockets=frozenset({health.sock.getsockname()[:2]} if health else set()),
+            health_sockets=frozenset({(health.sock.family, health.sock.getsockname()[1])} if health else set()),
             default_client_id=source.client_id,
             imds_compat=cfg.server.imds_compat,
             imds_client=imds_client,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from broker.emulator import Fault
-from tests.conftest import KEY, OTHER_KEY, BrokerFactory, RunningBroker
+from tests.conftest import BASE_CONFIG, KEY, OTHER_KEY, BrokerFactory, RunningBroker
 
 VAULT = "https://vault.azure.net"
 
@@ -183,4 +183,16 @@ async def test_health_listener_serves_probes_only(broker: RunningBroker) -> None
         assert response.status == 200  # kubelet sends the pod IP as Host
     async with session.get(f"{broker.health_url}/msi/token", params={"resource": VAULT},
                            headers={"X-IDENTITY-HEADER": KEY}) as response:
+        assert_error(response.status, await response.json(), 404, "not_found")
+
+
+async def test_health_listener_on_wildcard_address(make_broker: BrokerFactory) -> None:
+    """kubelet probes reach a 0.0.0.0 listener on the pod IP; 127.0.0.2 plays that part here."""
+    broker = await make_broker(base=BASE_CONFIG.replace('health = "127.0.0.1:0"', 'health = "0.0.0.0:0"'))
+    port = broker.health_url.rsplit(":", 1)[1]
+    session = broker.tcp()
+    async with session.get(f"http://127.0.0.2:{port}/readyz", headers={"Host": "10.1.2.3:8766"}) as response:
+        assert response.status == 200
+    async with session.get(f"http://127.0.0.2:{port}/msi/token", params={"resource": VAULT},
+                           headers={"X-IDENTITY-HEADER": KEY, "Host": "localhost"}) as response:
         assert_error(response.status, await response.json(), 404, "not_found")

@@ -79,8 +79,9 @@ def _role(request: web.Request, services: Services) -> Role:
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is None or sock.family == socket.AF_UNIX:
         return "unix"
-    local = sock.getsockname()
-    return "health" if (local[0], local[1]) in services.health_sockets else "tcp"
+    # By family and port, not address: on a wildcard bind (0.0.0.0 for kubelet probes) the
+    # accepted socket's local address is whatever interface the probe came in on.
+    return "health" if (sock.family, sock.getsockname()[1]) in services.health_sockets else "tcp"
 
 
 def is_loopback_host(host: str | None) -> bool:

@@ -45,7 +45,7 @@ class Services:
     metrics: Metrics
     lifecycle: Lifecycle
     limiter: RateLimiter
-    health_sockets: frozenset[tuple[str, int]]  # local addresses of the probe-only listener
+    health_sockets: frozenset[tuple[int, int]]  # (family, port) of the probe-only listener
     default_client_id: str = ""
     imds_compat: bool = False
     imds_client: Client | None = None
