@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import logging
 import random
 import time
 from collections import OrderedDict
@@ -20,18 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from azure.core.exceptions import (
-    ServiceRequestError,
-    ServiceRequestTimeoutError,
-    ServiceResponseError,
-    ServiceResponseTimeoutError,
-)
 from azure.core.rest import HttpRequest
 
-from connectors import errors
-from connectors.retry import RetryPolicy, parse_retry_after, retry_delay
-
-log = logging.getLogger(__name__)
+from connectors import errors, sdk
+from connectors.retry import RetryPolicy
 
 SourceKind = Literal["app_service", "imds", "arc", "workload", "client_secret"]
 IdentityKind = Literal["default", "client_id", "object_id", "mi_res_id"]
@@ -142,40 +132,38 @@ class IdentityClient:
         if self._closed:
             raise errors.Unreachable(UPSTREAM, "the broker is shutting down")
         app_registration = self.source.kind in ("workload", "client_secret")
-        attempt = 0
-        while True:
-            attempt += 1
+        obtained_at = 0.0
+
+        async def attempt() -> Any:
+            nonlocal obtained_at
             obtained_at = time.time()
-            started = time.monotonic()
+            # Looked up per attempt: a retry must not run on a client evicted meanwhile.
             protocol = self._protocol(identity)
             protocol.users += 1
             try:
-                async with asyncio.timeout(self._retry.timeout):
-                    info = await protocol.request(resource, app_registration)
-            except Exception as exc:  # every SDK failure is classified below, none escapes raw
-                error = _classify(exc, self._retry.timeout)
-                self._note(type(error).__name__, started)
-                delay = retry_delay(self._retry, attempt, error, self._rand())
-                if delay is None:
-                    raise error from None
-                log.info(
-                    "identity endpoint attempt %d for %s failed (%s); retrying in %.1fs",
-                    attempt, resource, error.message, delay,
-                )
-                await self._sleep(delay)
-                continue
+                return await protocol.request(resource, app_registration)
             finally:
                 protocol.users -= 1
                 if protocol.evicted and protocol.users == 0:
                     self._close_later(protocol)
-            self._note("ok", started)
-            refresh_on = getattr(info, "refresh_on", None)
-            return Token(
-                value=str(info.token),
-                expires_on=float(info.expires_on),
-                obtained_at=obtained_at,
-                refresh_on=float(refresh_on) if refresh_on else None,
-            )
+
+        info = await sdk.with_retries(
+            attempt,
+            upstream=UPSTREAM,
+            what=resource,
+            policy=self._retry,
+            classify_failure=lambda exc: sdk.classify(exc, UPSTREAM, self._retry.timeout),
+            observe=self._observe,
+            rand=self._rand,
+            sleep=self._sleep,
+        )
+        refresh_on = getattr(info, "refresh_on", None)
+        return Token(
+            value=str(info.token),
+            expires_on=float(info.expires_on),
+            obtained_at=obtained_at,
+            refresh_on=float(refresh_on) if refresh_on else None,
+        )
 
     async def close(self) -> None:
         self._closed = True
@@ -184,10 +172,6 @@ class IdentityClient:
             await asyncio.shield(protocol.client.close())
         if self._closing:
             await asyncio.shield(asyncio.gather(*self._closing, return_exceptions=True))
-
-    def _note(self, outcome: str, started: float) -> None:
-        if self._observe is not None:
-            self._observe(outcome, time.monotonic() - started)
 
     def _protocol(self, identity: Identity) -> _Protocol:
         protocol = self._clients.get(identity)
@@ -267,41 +251,3 @@ class IdentityClient:
             **sdk_options,
         )
 
-
-def _classify(exc: BaseException, timeout: float) -> errors.ConnectorError:
-    """Put any failure of an SDK call into one of the connector error families."""
-    if isinstance(exc, errors.ConnectorError):
-        return exc
-    if isinstance(exc, (TimeoutError, ServiceRequestTimeoutError, ServiceResponseTimeoutError)):
-        return errors.TimedOut(UPSTREAM, f"no answer within {timeout:g}s")
-    response: Any = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    if response is None or not isinstance(status, int):
-        if isinstance(exc, ServiceRequestError):
-            return errors.Unreachable(UPSTREAM, "cannot connect")
-        if isinstance(exc, (ServiceResponseError, OSError)):
-            return errors.Unreachable(UPSTREAM, "connection dropped before an answer")
-        return errors.ServerError(UPSTREAM, f"unusable answer ({type(exc).__name__})", 0)
-    code, description = _error_fields(response)
-    what = f"answered {status}" + (f" {code}" if code else "") + (f": {description}" if description else "")
-    if status == 429:
-        return errors.Throttled(UPSTREAM, what, parse_retry_after(response.headers.get("Retry-After")))
-    if status >= 500 or 200 <= status < 300:
-        return errors.ServerError(UPSTREAM, what, status, code)
-    return errors.Rejected(UPSTREAM, what, status, code)
-
-
-def _error_fields(response: Any) -> tuple[str, str]:
-    """The OAuth ``error`` and ``error_description`` of an error body, made safe to show."""
-    try:
-        body = json.loads(response.text())
-    except Exception:  # a non-JSON body has nothing we want to repeat
-        return "", ""
-    if not isinstance(body, dict):
-        return "", ""
-    error = body.get("error")
-    if isinstance(error, dict):  # some endpoints nest {"error": {"code", "message"}}
-        code, description = error.get("code", ""), error.get("message", "")
-    else:
-        code, description = error or "", body.get("error_description", "")
-    return errors.safe_text(str(code), 60), errors.safe_text(str(description))

@@ -11,11 +11,7 @@ is called with the very token the cache holds instead of a second, privately cac
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import random
 import re
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,21 +19,16 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
-from azure.core.exceptions import (
-    ServiceRequestError,
-    ServiceRequestTimeoutError,
-    ServiceResponseError,
-    ServiceResponseTimeoutError,
-)
 from azure.keyvault.secrets.aio import SecretClient
 
-from connectors import errors
+from connectors import errors, sdk
 from connectors.identity import Token
-from connectors.retry import RetryPolicy, parse_retry_after, retry_delay
-
-log = logging.getLogger(__name__)
+from connectors.retry import RetryPolicy
 
 TokenSource = Callable[[str], Awaitable[Token]]
+
+# A vault's 404 and 403 are answers about the secret, passed on to callers as such.
+_VAULT_STATUSES: sdk.StatusFamilies = {404: errors.NotFound, 403: errors.Forbidden}
 
 _NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")
 _VERSION = re.compile(r"[0-9a-zA-Z]{1,64}")
@@ -169,93 +160,36 @@ class VaultClient:
             )
         if self._closed:
             raise errors.Unreachable(self.upstream, "the broker is shutting down")
-        attempt = 0
-        while True:
-            attempt += 1
-            started = time.monotonic()
-            try:
-                async with asyncio.timeout(self._retry.timeout):
-                    found = await self._client.get_secret(name, version or None)
-            except errors.ConnectorError:
-                # From the token source: it has retried and backed off on its own already.
-                self._note("token_error", started)
-                raise
-            except Exception as exc:  # every SDK failure is classified below, none escapes raw
-                error = _classify(exc, self.upstream, self._retry.timeout)
-                self._note(type(error).__name__, started)
-                delay = retry_delay(self._retry, attempt, error, random.random())  # noqa: S311 - jitter, not a secret
-                if delay is None:
-                    raise error from None
-                log.info(
-                    "%s attempt %d for %s failed (%s); retrying in %.1fs",
-                    self.upstream, attempt, name, error.message, delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            self._note("ok", started)
-            props = found.properties
-            return Secret(
-                vault=self.alias,
-                name=props.name or name,
-                version=props.version or version,
-                value=found.value or "",
-                content_type=props.content_type,
-                enabled=bool(props.enabled),
-                not_before=props.not_before,
-                expires_on=props.expires_on,
-                updated_on=props.updated_on,
-                tags=MappingProxyType(dict(props.tags or {})),
-            )
+        found = await sdk.with_retries(
+            lambda: self._client.get_secret(name, version or None),
+            upstream=self.upstream,
+            what=name,
+            policy=self._retry,
+            classify_failure=self._classify,
+            observe=self._observe,
+        )
+        props = found.properties
+        return Secret(
+            vault=self.alias,
+            name=props.name or name,
+            version=props.version or version,
+            value=found.value or "",
+            content_type=props.content_type,
+            enabled=bool(props.enabled),
+            not_before=props.not_before,
+            expires_on=props.expires_on,
+            updated_on=props.updated_on,
+            tags=MappingProxyType(dict(props.tags or {})),
+        )
 
     async def close(self) -> None:
         self._closed = True
         await asyncio.shield(self._client.close())
 
-    def _note(self, outcome: str, started: float) -> None:
-        if self._observe is not None:
-            self._observe(outcome, time.monotonic() - started)
-
-
-def _classify(exc: BaseException, upstream: str, timeout: float) -> errors.ConnectorError:
-    """Put any failure of an SDK call into one of the connector error families."""
-    if isinstance(exc, (TimeoutError, ServiceRequestTimeoutError, ServiceResponseTimeoutError)):
-        return errors.TimedOut(upstream, f"no answer within {timeout:g}s")
-    response: Any = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    if response is None or not isinstance(status, int):
-        if isinstance(exc, ServiceRequestError):
-            return errors.Unreachable(upstream, "cannot connect")
-        if isinstance(exc, (ServiceResponseError, OSError)):
-            return errors.Unreachable(upstream, "connection dropped before an answer")
-        if isinstance(exc, ValueError):
+    def _classify(self, exc: BaseException) -> errors.ConnectorError:
+        if isinstance(exc, ValueError) and getattr(exc, "response", None) is None:
             # The SDK refusing the vault's answer: a challenge for a resource outside the vault's
             # domain (see verify_challenge_resource) or an id it cannot parse. Retrying won't help.
-            return errors.Rejected(upstream, f"answer refused by the client: {errors.safe_text(str(exc))}", 0)
-        return errors.ServerError(upstream, f"unusable answer ({type(exc).__name__})", 0)
-    code, description = _error_fields(response)
-    what = f"answered {status}" + (f" {code}" if code else "") + (f": {description}" if description else "")
-    if status == 429:
-        return errors.Throttled(upstream, what, parse_retry_after(response.headers.get("Retry-After")))
-    if status == 404:
-        return errors.NotFound(upstream, what, status, code)
-    if status == 403:
-        return errors.Forbidden(upstream, what, status, code)
-    if status >= 500 or 200 <= status < 300:
-        return errors.ServerError(upstream, what, status, code)
-    return errors.Rejected(upstream, what, status, code)
+            return errors.Rejected(self.upstream, f"answer refused by the client: {errors.safe_text(str(exc))}", 0)
+        return sdk.classify(exc, self.upstream, self._retry.timeout, _VAULT_STATUSES)
 
-
-def _error_fields(response: Any) -> tuple[str, str]:
-    """Key Vault's error code (the inner one when given: it says *why*) and message, made safe."""
-    try:
-        body = json.loads(response.text())
-    except Exception:  # a non-JSON body has nothing we want to repeat
-        return "", ""
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return "", ""
-    code = error.get("code") or ""
-    inner = error.get("innererror")
-    if isinstance(inner, dict) and inner.get("code"):
-        code = inner["code"]
-    return errors.safe_text(str(code), 60), errors.safe_text(str(error.get("message") or ""))
