@@ -80,10 +80,23 @@ def record(value: str) -> str:
     return value
 
 
+# (test, identity requests, key vault requests) as the emulator saw them, for the summary.
+UPSTREAM_LOAD: list[tuple[str, int, int]] = []
+
+
 @pytest.fixture
-async def emulator(tmp_path: Path) -> AsyncIterator[Emulator]:
+async def emulator(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Emulator]:
     async with Emulator(state_dir=tmp_path / "emulator") as emu:
         yield emu
+        UPSTREAM_LOAD.append((request.node.nodeid, emu.requests("identity"), emu.requests("keyvault")))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not UPSTREAM_LOAD:
+        return
+    terminalreporter.section("upstream requests, heaviest tests")
+    for nodeid, identity, vault in sorted(UPSTREAM_LOAD, key=lambda row: -(row[1] + row[2]))[:3]:
+        terminalreporter.write_line(f"{identity:5d} identity  {vault:5d} key vault  {nodeid}")
 
 
 class RunningBroker:
