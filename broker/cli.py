@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--keyvault-port", type=int, default=0)
     emulator.add_argument("--token-lifetime", type=float, default=3600, metavar="SECONDS")
     emulator.add_argument("--header", default=None, help="the X-IDENTITY-HEADER value to expect (default: random)")
+    emulator.add_argument("--arc", action="store_true",
+                          help="also emulate Azure Arc (writes its challenge key file under "
+                               "/var/opt/azcmagent/tokens, so needs root)")
     return parser
 
 
@@ -329,11 +332,12 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def cmd_emulator(args: argparse.Namespace) -> int:
     logs.setup("info")
-    from broker.emulator import Emulator, seed_demo
+    from broker.emulator import ARC_KEY_DIR, Emulator, seed_demo
 
     async def run() -> int:
         emulator = Emulator(identity_port=args.identity_port, keyvault_port=args.keyvault_port,
-                            token_lifetime=args.token_lifetime, identity_header=args.header)
+                            token_lifetime=args.token_lifetime, identity_header=args.header,
+                            arc_key_dir=ARC_KEY_DIR if args.arc else None)
         async with emulator:
             seed_demo(emulator)
             print("\n".join(["tokenbroker emulator (no Azure):", *emulator.describe(),

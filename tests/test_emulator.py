@@ -785,3 +785,223 @@ async def test_expires_on_naive_datetime_is_utc(
     got = await vault_client("default").get_secret("n")
     assert got.properties.expires_on == naive.replace(tzinfo=UTC)
     assert got.properties.expires_on - datetime.now(UTC) > timedelta(days=1)
+
+
+# Entra ID (app registrations) on the HTTPS port
+
+
+APP = "0a0a0a0a-0000-4000-8000-0000000000e1"
+
+
+async def aad_post(
+    http: aiohttp.ClientSession, emulator: Emulator, form: dict[str, str], tenant: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    async with http.post(
+        f"{emulator.authority_host}/{tenant or emulator.tenant_id}/oauth2/v2.0/token",
+        data=form,
+        ssl=tls_context(emulator),
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_aad_client_credentials_answer_shape(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    secret = emulator.register_app(APP)
+    form = {"grant_type": "client_credentials", "client_id": APP, "client_secret": secret, "scope": SCOPE}
+    status, body = await aad_post(http, emulator, form)
+    assert status == 200
+    assert set(body) == {"token_type", "expires_in", "ext_expires_in", "access_token"}
+    assert body["token_type"] == "Bearer"
+    assert isinstance(body["expires_in"], int)
+    assert body["expires_in"] in (LIFETIME, LIFETIME + 1)
+    claims = emulator.verify_token(body["access_token"], VAULT)
+    assert (claims["aud"], claims["appid"], claims["tid"]) == (VAULT, APP, emulator.tenant_id)
+    assert "xms_mirid" not in claims
+    # Key Vault takes the app's token like a managed identity's.
+    emulator.set_secret("default", "s", "v")
+    assert (await kv_get(http, emulator, "/secrets/s", body["access_token"]))[2]["value"] == "v"
+    assert (emulator.requests("identity"), emulator.requests("keyvault"), emulator.tokens_issued) == (1, 1, 1)
+    recorded = emulator.received("identity")[0]
+    assert recorded.form["client_secret"] == "[redacted]"
+    assert secret not in repr(emulator.received())
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "error", "code"),
+    [
+        ({"client_secret": "wrong"}, 401, "invalid_client", 7000215),
+        ({"client_id": "unknown-app"}, 400, "unauthorized_client", 700016),
+        ({"grant_type": "password"}, 400, "unsupported_grant_type", 70003),
+        ({"scope": VAULT}, 400, "invalid_scope", 1002012),
+        ({"scope": f"{SCOPE} https://graph.microsoft.com/.default"}, 400, "invalid_scope", 1002012),
+        ({"client_secret": ""}, 400, "invalid_request", 90014),  # with an assertion too, below
+        ({"tenant": "00000000-0000-4000-8000-000000000000"}, 400, "invalid_request", 90002),
+    ],
+    ids=["wrong-secret", "unknown-app", "grant", "resource-not-scope", "two-scopes", "two-credentials", "tenant"],
+)
+async def test_aad_rejects_like_entra(
+    emulator: Emulator, http: aiohttp.ClientSession, change: dict[str, str], status: int, error: str, code: int
+) -> None:
+    secret = emulator.register_app(APP)
+    form = {"grant_type": "client_credentials", "client_id": APP, "client_secret": secret, "scope": SCOPE, **change}
+    tenant = form.pop("tenant", None)
+    if form["client_secret"] == "":
+        form["client_secret"] = secret
+        form["client_assertion"] = emulator.federated_token(APP)
+        form["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    got, body = await aad_post(http, emulator, form, tenant)
+    assert (got, body["error"], body["error_codes"]) == (status, error, [code])
+    assert body["error_description"].startswith(f"AADSTS{code}: ")
+    assert {"timestamp", "trace_id", "correlation_id"} <= set(body)
+    assert secret not in str(body)
+    assert emulator.tokens_issued == 0
+
+
+async def test_aad_federated_assertions(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    emulator.register_app(APP)
+    assertion = emulator.federated_token(APP, "system:serviceaccount:ns:sa")
+    claims = jwt.decode(assertion, options={"verify_signature": False})
+    assert claims["aud"] == ["api://AzureADTokenExchange"]
+    assert claims["sub"] == "system:serviceaccount:ns:sa"
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": APP,
+        "scope": "https://management.azure.com/.default",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": assertion,
+    }
+    status, body = await aad_post(http, emulator, form)
+    assert status == 200
+    assert emulator.verify_token(body["access_token"], "https://management.azure.com")["appid"] == APP
+    expired = emulator.federated_token(APP, "system:serviceaccount:ns:sa", lifetime=0.001)
+    await asyncio.sleep(1.1)
+    for bad, code in [("not-a-jwt", 50027), (expired, 700024)]:
+        status, body = await aad_post(http, emulator, {**form, "client_assertion": bad})
+        assert body["error_codes"] == [code]
+        assert bad not in str(body)
+    status, body = await aad_post(http, emulator, {**form, "client_assertion_type": "something-else"})
+    assert (status, body["error_codes"]) == (400, [50027])
+    with pytest.raises(KeyError):
+        emulator.federated_token("never-registered")
+
+
+async def test_aad_other_methods_and_metadata(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    base = f"{emulator.authority_host}/{emulator.tenant_id}"
+    async with http.get(base + "/oauth2/v2.0/token", ssl=tls_context(emulator)) as response:
+        assert response.status == 405
+        assert (await response.json())["error_codes"] == [900561]
+    async with http.get(base + "/v2.0/.well-known/openid-configuration", ssl=tls_context(emulator)) as response:
+        metadata = await response.json()
+    assert metadata["token_endpoint"] == base + "/oauth2/v2.0/token"
+    assert emulator.requests("identity") == 2
+    assert emulator.requests("keyvault") == 0
+
+
+async def test_sync_msal_credential_reads_the_openid_configuration(emulator: Emulator) -> None:
+    # MSAL (behind the synchronous credentials) looks up the tenant's metadata first; instance discovery
+    # would ask login.microsoftonline.com, so it has to be off for any local authority.
+    from azure.identity import ClientSecretCredential
+
+    secret = emulator.register_app(APP)
+    credential = ClientSecretCredential(
+        emulator.tenant_id,
+        APP,
+        secret,
+        authority=emulator.authority_host,
+        connection_verify=str(emulator.ca_file),
+        disable_instance_discovery=True,
+    )
+    token = await asyncio.to_thread(credential.get_token, SCOPE)
+    assert emulator.verify_token(token.token, VAULT)["appid"] == APP
+    assert [r.path.rsplit("/", 1)[-1] for r in emulator.received("identity")] == ["openid-configuration", "token"]
+
+
+async def test_aad_faults_are_identity_faults_with_entras_body(
+    emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
+    secret = emulator.register_app(APP)
+    form = {"grant_type": "client_credentials", "client_id": APP, "client_secret": secret, "scope": SCOPE}
+    emulator.add_fault("identity", Fault(status=503, retry_after=4))
+    status, body = await aad_post(http, emulator, form)
+    assert (status, body["error"]) == (503, "temporarily_unavailable")
+    assert body["error_description"].startswith("AADSTS")
+    emulator.add_fault("keyvault", Fault(status=500))  # Key Vault's faults leave Entra alone
+    status, _ = await aad_post(http, emulator, form)
+    assert status == 200
+    assert (emulator.requests("identity"), emulator.requests("keyvault")) == (2, 0)
+
+
+async def test_register_apps_through_the_control_api(emulator: Emulator, http: aiohttp.ClientSession) -> None:
+    async with http.post(emulator.imds_host + "/_emulator/apps", json={"client_id": APP}) as response:
+        assert response.status == 201
+        created = await response.json()
+    assert created["authority_host"] == emulator.authority_host
+    assert created["tenant_id"] == emulator.tenant_id
+    form = {"grant_type": "client_credentials", "client_id": APP, "client_secret": created["secret"], "scope": SCOPE}
+    assert (await aad_post(http, emulator, form))[0] == 200
+    assertion_form = {
+        **{k: v for k, v in form.items() if k != "client_secret"},
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": created["federated_token"],
+    }
+    assert (await aad_post(http, emulator, assertion_form))[0] == 200
+    for bad in ({}, {"client_id": APP, "secret": 5}, {"client_id": APP, "extra": 1}):
+        async with http.post(emulator.imds_host + "/_emulator/apps", json=bad) as response:
+            assert response.status == 400
+    with pytest.raises(ValueError, match="secret"):
+        emulator.register_app(APP, "")
+
+
+# Azure Arc (himds) on the identity port
+
+
+async def arc_get(
+    http: aiohttp.ClientSession, emulator: Emulator, headers: dict[str, str], version: str = "2019-11-01"
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    async with http.get(
+        emulator.arc_endpoint, params={"api-version": version, "resource": VAULT}, headers=headers
+    ) as response:
+        return response.status, dict(response.headers), await response.json()
+
+
+async def test_arc_challenge_and_answer(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    async with Emulator(arc_key_dir=tmp_path / "tokens") as emulator:
+        status, headers, body = await arc_get(http, emulator, {"Metadata": "true"})
+        assert status == 401
+        assert headers["WWW-Authenticate"] == f"Basic realm={emulator.arc_key_file}"
+        assert "access_token" not in body
+        key = emulator.arc_key_file.read_text()
+        status, _, _ = await arc_get(http, emulator, {"Metadata": "true", "Authorization": "Basic wrong"})
+        assert status == 401
+        for version in ("2019-11-01", "2020-06-01"):
+            status, _, body = await arc_get(
+                http, emulator, {"Metadata": "true", "Authorization": f"Basic {key}"}, version
+            )
+            assert status == 200
+            assert all(isinstance(v, str) for v in body.values())
+            assert emulator.verify_token(body["access_token"], VAULT)["appid"] == system_identity(
+                emulator.tenant_id
+            ).client_id
+        status, _, body = await arc_get(http, emulator, {"Authorization": f"Basic {key}"})
+        assert (status, body["error_description"]) == (400, "Required metadata header not specified")
+        assert emulator.tokens_issued == 2
+        assert key not in repr(emulator.received())
+        assert any("Azure Arc" in line and emulator.arc_endpoint in line for line in emulator.describe())
+    assert not (tmp_path / "tokens").exists()
+
+
+async def test_arc_off_says_why(http: aiohttp.ClientSession) -> None:
+    async with Emulator(arc_key_dir=None) as emulator:
+        assert not emulator.arc_enabled
+        status, _, body = await arc_get(http, emulator, {"Metadata": "true"})
+        assert status == 400
+        assert "Arc is off" in body["error_description"]
+        assert emulator.arc_unavailable_reason in body["error_description"]
+        with pytest.raises(RuntimeError, match="Arc is off"):
+            _ = emulator.arc_key_file
+        # IMDS's own api-versions on the same path are unaffected.
+        async with http.get(
+            emulator.imds_host + "/metadata/identity/oauth2/token",
+            params={"api-version": "2018-02-01", "resource": VAULT},
+            headers={"Metadata": "true"},
+        ) as response:
+            assert response.status == 200

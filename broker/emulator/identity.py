@@ -1,10 +1,15 @@
-"""Managed-identity token endpoints, in the two shapes azure-identity speaks.
+"""Managed-identity token endpoints, in the three shapes azure-identity speaks.
 
 * App Service / Azure Automation, protocol 2019-08-01: ``/msi/token``, authenticated by the
   ``X-IDENTITY-HEADER`` header. GET takes query parameters; POST takes a form body, as Azure Automation
   does (its clients send no api-version, so POST does not require one).
 * IMDS: ``/metadata/identity/oauth2/token``, GET only, guarded by ``Metadata: true``; every field of
   the answer is a string, as IMDS sends them.
+* Azure Arc (himds): the same path, told apart by Arc's api-versions (``arc.ARC_API_VERSIONS``). A
+  request without ``Authorization: Basic <key>`` gets 401 with ``WWW-Authenticate: Basic realm=<key
+  file>``; the answer is IMDS-shaped. Arc machines have only their system-assigned identity, and like an
+  agent without user-assigned support the emulator ignores client_id & co. and answers for it anyway,
+  which is what azure-identity's ``_validate_user_assigned_identity`` exists to catch.
 
 Both take a resource (``https://vault.azure.net``), never an AAD v2 scope: ``.../.default`` is refused
 the way Entra refuses an unknown resource, which catches clients that forget to strip it.
@@ -19,6 +24,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from .arc import ARC_API_VERSIONS, ArcKey
 from .faults import status_phrase
 from .tokens import IssuedToken, TokenIssuer, system_identity, user_identity
 
@@ -56,14 +62,17 @@ def fault_response(status: int) -> web.Response:
 
 
 class IdentityRequestError(Exception):
-    def __init__(self, status: int, error: str, description: str) -> None:
+    def __init__(self, status: int, error: str, description: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(description)
         self.status = status
         self.error = error
         self.description = description
+        self.headers = dict(headers or {})
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.error, self.description)
+        response = error_response(self.status, self.error, self.description)
+        response.headers.update(self.headers)
+        return response
 
 
 class IdentityService:
@@ -77,6 +86,9 @@ class IdentityService:
         self.token_lifetime = token_lifetime
         self.refresh_in = refresh_in
         self.tokens_issued = 0
+        # Set by the Emulator once it has (or has failed to) put a key file where azure-identity looks.
+        self.arc: ArcKey | None = None
+        self.arc_problem = "the emulator has not started"
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -134,8 +146,12 @@ class IdentityService:
                     400, "invalid_request", "Required query variable 'api-version' is missing"
                 )
             params = dict(request.query)
+            is_arc = params["api-version"] in ARC_API_VERSIONS
+            if is_arc:
+                self._check_arc_key(request)
             resource = self._resource(params, "Required audience parameter not specified")
-            token = self._issue(resource, params)
+            # Arc: the machine's one identity, whatever ids were asked for (see the module docstring).
+            token = self._issue(resource, {} if is_arc else params)
         except IdentityRequestError as exc:
             return exc.response()
         body = {
@@ -151,6 +167,22 @@ class IdentityService:
         if self.refresh_in is not None:
             body["refresh_in"] = str(math.ceil(self.refresh_in))
         return _no_store(web.json_response(body))
+
+    def _check_arc_key(self, request: web.Request) -> None:
+        if self.arc is None:
+            raise IdentityRequestError(
+                400,
+                "invalid_request",
+                f"api-version {request.query['api-version']} is Azure Arc's, and Arc is off in this emulator: "
+                f"{self.arc_problem}",
+            )
+        if not self.arc.matches(request.headers.get("Authorization", "")):
+            raise IdentityRequestError(
+                401,
+                "unauthorized_client",
+                "Authorization: Basic <content of the key file named in WWW-Authenticate> is missing or wrong.",
+                headers={"WWW-Authenticate": self.arc.challenge},
+            )
 
     def _check_identity_header(self, request: web.Request) -> None:
         given = request.headers.get("X-IDENTITY-HEADER", "")

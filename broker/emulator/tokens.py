@@ -33,11 +33,11 @@ class InvalidToken(Exception):
 
 @dataclass(frozen=True)
 class Identity:
-    """The managed identity a token is issued to."""
+    """The identity a token is issued to: a managed identity, or an app registration (no resource id)."""
 
     client_id: str
     object_id: str
-    resource_id: str
+    resource_id: str  # "" for app registrations, whose tokens carry no xms_mirid
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,11 @@ def user_identity(
     )
 
 
+def app_identity(tenant_id: str, client_id: str) -> Identity:
+    """An app registration's service principal, as Entra ID's client-credentials tokens name it."""
+    return Identity(client_id=client_id, object_id=_stable_guid(tenant_id, "app", client_id, "object"), resource_id="")
+
+
 def _audiences(audience: str) -> list[str]:
     # Entra v1 resources are matched with or without the trailing slash (https://vault.azure.net[/]).
     bare = audience.rstrip("/")
@@ -122,8 +127,9 @@ class TokenIssuer:
             "tid": self.tenant_id,
             "uti": secrets.token_urlsafe(16),
             "ver": "1.0",
-            "xms_mirid": identity.resource_id,
         }
+        if identity.resource_id:
+            claims["xms_mirid"] = identity.resource_id
         token = jwt.encode(
             claims, self._key, algorithm=_ALGORITHM, headers={"typ": "JWT", "kid": self._key_id}
         )
