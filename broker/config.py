@@ -251,6 +251,7 @@ class IdentityConfig(_Model):
     tenant_id: str = Field(default="", validate_default=True)
     client_secret_env: str = Field(default="", validate_default=True)
     endpoint: Annotated[str, AfterValidator(_http_url)] = ""
+    ca_file: ReadableFile = ""  # extra CA bundle for the identity endpoint (private clouds, tests)
 
     @field_validator("client_id", "tenant_id", "client_secret_env")
     @classmethod

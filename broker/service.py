@@ -59,27 +59,34 @@ def identity_source(cfg: IdentityConfig, environ: Mapping[str, str], emulator: E
         if not (url and header):
             raise ConfigError(["identity.source: app_service needs IDENTITY_ENDPOINT and IDENTITY_HEADER "
                                "in the broker's environment"])
-        return Source("app_service", endpoint=url, header=header, client_id=cfg.client_id)
+        return Source("app_service", endpoint=url, header=header, client_id=cfg.client_id, ca_file=cfg.ca_file)
     if kind == "arc":
         if not (cfg.endpoint or endpoint):
             raise ConfigError(["identity.source: arc needs IDENTITY_ENDPOINT in the broker's environment"])
-        return Source("arc", endpoint=cfg.endpoint or endpoint, client_id=cfg.client_id)
+        if cfg.client_id:
+            raise ConfigError(["identity.client_id: Azure Arc has only the machine's system-assigned identity"])
+        return Source("arc", endpoint=cfg.endpoint or endpoint, ca_file=cfg.ca_file)
     if kind == "imds":
         url = cfg.endpoint or environ.get("AZURE_POD_IDENTITY_AUTHORITY_HOST", "") or IMDS_DEFAULT
-        return Source("imds", endpoint=url, client_id=cfg.client_id)
+        return Source("imds", endpoint=url, client_id=cfg.client_id, ca_file=cfg.ca_file)
     tenant = cfg.tenant_id or environ.get("AZURE_TENANT_ID", "")
     client_id = cfg.client_id or environ.get("AZURE_CLIENT_ID", "")
     authority = cfg.endpoint or environ.get("AZURE_AUTHORITY_HOST", "")
+    if authority and not authority.startswith("https://"):
+        where = "identity.endpoint" if cfg.endpoint else "AZURE_AUTHORITY_HOST"
+        raise ConfigError([f"{where}: the login endpoint for {kind} must be an https:// URL"])
     if kind == "workload":
         token_file = environ.get("AZURE_FEDERATED_TOKEN_FILE", "")
         if not (tenant and client_id and token_file):
             raise ConfigError(["identity.source: workload needs AZURE_FEDERATED_TOKEN_FILE, a client_id "
                                "(or AZURE_CLIENT_ID) and a tenant_id (or AZURE_TENANT_ID)"])
-        return Source("workload", client_id=client_id, tenant_id=tenant, token_file=token_file, authority=authority)
+        return Source("workload", client_id=client_id, tenant_id=tenant, token_file=token_file, authority=authority,
+                      ca_file=cfg.ca_file)
     secret = environ.get(cfg.client_secret_env, "")
     if not secret:
         raise ConfigError([f"identity.client_secret_env: environment variable {cfg.client_secret_env} is not set"])
-    return Source("client_secret", client_id=client_id, tenant_id=tenant, client_secret=secret, authority=authority)
+    return Source("client_secret", client_id=client_id, tenant_id=tenant, client_secret=secret, authority=authority,
+                  ca_file=cfg.ca_file)
 
 
 def policy_client(c: ClientConfig) -> Client:

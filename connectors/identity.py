@@ -225,6 +225,9 @@ class IdentityClient:
                 raise errors.Rejected(UPSTREAM, f"source {src.kind} does not support user-assigned identities", 400)
             identity_config[name] = identity.value
         elif src.client_id:
+            if src.kind == "arc":
+                # Arc answers for the machine's identity whatever is asked: refuse, never mislabel.
+                raise errors.Rejected(UPSTREAM, "source arc has only the machine's system-assigned identity", 400)
             identity_config["client_id"] = src.client_id
 
         if src.kind == "app_service":

@@ -165,7 +165,7 @@ class VaultClient:
             upstream=self.upstream,
             what=name,
             policy=self._retry,
-            classify_failure=self._classify,
+            classify_failure=lambda exc: sdk.classify(exc, self.upstream, self._retry.timeout, _VAULT_STATUSES),
             observe=self._observe,
         )
         props = found.properties
@@ -186,10 +186,4 @@ class VaultClient:
         self._closed = True
         await asyncio.shield(self._client.close())
 
-    def _classify(self, exc: BaseException) -> errors.ConnectorError:
-        if isinstance(exc, ValueError) and getattr(exc, "response", None) is None:
-            # The SDK refusing the vault's answer: a challenge for a resource outside the vault's
-            # domain (see verify_challenge_resource) or an id it cannot parse. Retrying won't help.
-            return errors.Rejected(self.upstream, f"answer refused by the client: {errors.safe_text(str(exc))}", 0)
-        return sdk.classify(exc, self.upstream, self._retry.timeout, _VAULT_STATUSES)
 

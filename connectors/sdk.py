@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from azure.core.exceptions import (
+    ClientAuthenticationError,
     ServiceRequestError,
     ServiceRequestTimeoutError,
     ServiceResponseError,
@@ -44,8 +45,16 @@ def classify(
     if response is None or not isinstance(status, int):
         if isinstance(exc, ServiceRequestError):
             return errors.Unreachable(upstream, "cannot connect")
+        if isinstance(exc, OSError) and exc.filename:
+            # A local file the SDK needs (a federated token, Arc's challenge key): not the network,
+            # and asking again will not help.
+            return errors.Rejected(upstream, f"cannot read {exc.filename}: {exc.strerror}", 0)
         if isinstance(exc, (ServiceResponseError, OSError)):
             return errors.Unreachable(upstream, "connection dropped before an answer")
+        if isinstance(exc, (ValueError, ClientAuthenticationError)):
+            # The SDK refusing its own inputs or the answer (an http:// authority, a challenge for
+            # a resource outside the vault's domain): a mistake that retrying does not mend.
+            return errors.Rejected(upstream, f"refused by the client library: {errors.safe_text(str(exc))}", 0)
         return errors.ServerError(upstream, f"unusable answer ({type(exc).__name__})", 0)
     code, description = error_fields(response)
     what = f"answered {status}" + (f" {code}" if code else "") + (f": {description}" if description else "")

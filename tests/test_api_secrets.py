@@ -73,18 +73,18 @@ async def vault_broker(make_broker: BrokerFactory, emulator: Emulator) -> Runnin
 
 
 async def test_read_latest_and_version(vault_broker: RunningBroker, emulator: Emulator) -> None:
-    old = emulator.set_secret("main", "app-api", "v1")
-    emulator.set_secret("main", "app-api", "v2")
+    old = emulator.set_secret("main", "app-api", "app-api-value-1")
+    emulator.set_secret("main", "app-api", "app-api-value-2")
     status, body, headers = await read(vault_broker, "/v1/secrets/main/app-api")
     assert status == 200
     assert headers["Cache-Control"] == "no-store"
     assert set(body) == {"vault", "name", "version", "value", "content_type", "enabled", "not_before",
                          "expires_on", "updated_on", "tags", "stale"}
-    assert (body["vault"], body["name"], body["value"], body["stale"]) == ("main", "app-api", "v2", False)
+    assert (body["vault"], body["name"], body["value"], body["stale"]) == ("main", "app-api", "app-api-value-2", False)
     assert body["content_type"] is None and body["tags"] == {} and body["enabled"] is True
     assert body["updated_on"].endswith("Z")
     status, body, _ = await read(vault_broker, f"/v1/secrets/main/app-api/{old}")
-    assert (status, body["value"], body["version"]) == (200, "v1", old)
+    assert (status, body["value"], body["version"]) == (200, "app-api-value-1", old)
     status, body, _ = await read(vault_broker, "/v1/secrets/main/app-db")
     assert body["content_type"] == "text/plain" and body["tags"] == {"owner": "team-a"}
 
