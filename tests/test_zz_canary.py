@@ -29,6 +29,8 @@ async def test_canary_token_never_logged(broker: RunningBroker) -> None:
 
 def test_no_value_served_during_the_suite_was_logged() -> None:
     logs = LOG_CAPTURE.getvalue()
-    assert SERVED_VALUES
-    leaked = sum(1 for value in SERVED_VALUES if value in logs)
-    assert leaked == 0, f"{leaked} of {len(SERVED_VALUES)} served values appear in the logs"
+    # A value of a few characters would match ordinary log text by chance; tokens never are that short.
+    values = [value for value in SERVED_VALUES if len(value) >= 12]
+    assert len(values) > 50
+    leaked = sum(1 for value in values if value in logs)
+    assert leaked == 0, f"{leaked} of {len(values)} served values appear in the logs"
