@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _UCRED = struct.Struct("3i")
 
@@ -32,3 +34,21 @@ def _supplementary_groups(pid: int) -> set[int]:
         if line.startswith("Groups:"):
             return {int(g) for g in line.split()[1:]}
     return set()
+
+
+class PeerCache:
+    """Credentials per connection, looked up on its first request.
+
+    The kernel fixes SO_PEERCRED at connect(), so one lookup serves every request on the
+    connection: it saves a /proc read per request, and a pid recycled while the connection
+    lives cannot lend another process's groups. Entries go with their transports.
+    """
+
+    def __init__(self) -> None:
+        self._peers: weakref.WeakKeyDictionary[Any, Peer] = weakref.WeakKeyDictionary()
+
+    def of(self, transport: Any) -> Peer:
+        peer = self._peers.get(transport)
+        if peer is None:
+            peer = self._peers[transport] = peer_of(transport.get_extra_info("socket"))
+        return peer

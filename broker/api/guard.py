@@ -26,7 +26,6 @@ from broker.errors import (
     Unauthorized,
     reply_for,
 )
-from broker.peercred import peer_of
 from connectors.errors import ConnectorError
 
 log = logging.getLogger(__name__)
@@ -156,7 +155,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if role == "unix":
         if not (_has_metadata(request) or _presented_key(request) is not None):
             raise BadRequest("requests must carry the header 'Metadata: true'")
-        peer = peer_of(request.transport.get_extra_info("socket"))  # type: ignore[union-attr]
+        peer = services.peers.of(request.transport)
         client = services.policy.by_peer(peer.uid, peer.gids)
         if client is None:
             raise Forbidden(f"no client entry admits uid {peer.uid}")

@@ -9,6 +9,7 @@ from typing import Literal
 from aiohttp import web
 
 from broker.metrics import Metrics
+from broker.peercred import PeerCache
 from broker.policy import Client, Policy
 from broker.ratelimit import RateLimiter
 from broker.secrets import SecretCache
@@ -49,6 +50,7 @@ class Services:
     default_client_id: str = ""
     imds_compat: bool = False
     imds_client: Client | None = None
+    peers: PeerCache = field(default_factory=PeerCache)
 
 
 @dataclass(frozen=True)
