@@ -6,8 +6,10 @@ Every test starts what it needs on free loopback ports and in its own temporary 
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from string import Template
@@ -33,6 +35,64 @@ _handler.setLevel(logging.DEBUG)
 logging.getLogger().addHandler(_handler)
 logging.getLogger("broker").setLevel(logging.DEBUG)
 logging.getLogger("connectors").setLevel(logging.DEBUG)
+
+_AZURE_ENV = (
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "IMDS_ENDPOINT",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_AUTHORITY_HOST",
+    "AZURE_KUBERNETES_TOKEN_PROXY",
+)
+_PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def _loopback(host: object) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(str(host)).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail loudly, instead of reaching out, if anything in the test process tries a non-loopback
+    address (IMDS above all); and start every test without Azure or proxy settings."""
+    for name in _AZURE_ENV + _PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host is not None and not _loopback(host):
+            raise OSError(f"test tried to resolve {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def check(address: Any) -> None:
+        if isinstance(address, tuple) and not _loopback(address[0]):
+            raise OSError(f"test tried to connect to {address!r}")
+
+    def connect(self: socket.socket, address: Any) -> None:
+        check(address)
+        real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        check(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+
 
 KEY = "test-client-key-0123456789"
 OTHER_KEY = "other-client-key-0123456789"
