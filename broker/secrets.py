@@ -12,7 +12,6 @@ served, cached or not. The timing rules are pure functions of ``now`` at the top
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -192,8 +191,9 @@ class SecretCache:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        if tasks:
+            # wait() never raises the tasks' own cancellation; a cancellation of ours still propagates.
+            await asyncio.shield(asyncio.wait(tasks))
 
     def _held(self, vault: str, now: float) -> float:
         return self._hold_until.get(vault, 0.0) - now

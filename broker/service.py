@@ -263,8 +263,7 @@ class Broker:
             warm = asyncio.create_task(self._warm(tokens), name="warm-up")
             yield
             warm.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(warm)
+            await asyncio.shield(asyncio.wait({warm}))
             await asyncio.shield(secrets.close())
             for vault_client in vaults.values():
                 await asyncio.shield(vault_client.close())

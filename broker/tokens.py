@@ -9,7 +9,6 @@ expired token is never served. The timing rules are pure functions of ``now`` at
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -104,16 +103,16 @@ class TokenCache:
         if self._closed:
             raise errors.Unreachable(UPSTREAM, "the broker is shutting down")
         entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry()
-        token = entry.token
+        token = entry.token if entry is not None else None
         if token is not None and servable(token, self.clock()):
             return token, True
-        task = entry.inflight
+        task = entry.inflight if entry is not None else None
         if task is None:
             held = self._hold_until - self.clock()
             if held > 0:
                 raise errors.Throttled(UPSTREAM, "holding off after the endpoint answered 429", held)
+            if entry is None:
+                entry = self._entries[key] = _Entry()
             task = self._start(key, entry)
         # shield: a caller that gives up must not cancel the fetch other callers share.
         return await asyncio.shield(task), False
@@ -140,11 +139,20 @@ class TokenCache:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        if tasks:
+            # wait() never raises the tasks' own cancellation; a cancellation of ours still propagates.
+            await asyncio.shield(asyncio.wait(tasks))
+
+    async def _fetch_servable(self, key: TokenKey) -> Token:
+        token = await self.fetch(key)
+        left = token.expires_on - self.clock()
+        if left < margin(token):
+            # Clock skew or a broken upstream: never hand it out, and never refetch it in a loop.
+            raise errors.ServerError(UPSTREAM, f"answered with a token that expires in {left:.0f}s", 200)
+        return token
 
     def _start(self, key: TokenKey, entry: _Entry) -> asyncio.Task[Token]:
-        task = asyncio.create_task(self.fetch(key), name=f"token-fetch {key.resource}")
+        task = asyncio.create_task(self._fetch_servable(key), name=f"token-fetch {key.resource}")
         entry.inflight = task
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._settle(key, entry, t))
@@ -174,6 +182,13 @@ class TokenCache:
             )
             delay = max(retry_delay(entry.failures), self._hold_until - now)
             self._schedule(key, entry, delay)
+        else:
+            # Nothing servable to keep: a failed lookup must not take an LRU place from a warm entry.
+            if entry.timer is not None:
+                entry.timer.cancel()
+            current = self._entries.pop(key, None)
+            if current is not None and current is not entry:
+                self._entries[key] = current
 
     def _schedule(self, key: TokenKey, entry: _Entry, delay: float) -> None:
         if entry.timer is not None:

@@ -121,11 +121,11 @@ async def test_failed_refresh_keeps_serving_valid_token_never_expired() -> None:
     assert upstream.calls >= 2
     served, hit = await cache.get(KEY)
     assert hit and served.value == good.value
+    state = cache.states()[0]
+    assert state.failures >= 1 and "500" in state.last_error
     await asyncio.sleep(0.75)  # now under the 10 % margin: must not be served
     with pytest.raises(errors.ServerError):
         await cache.get(KEY)
-    state = cache.states()[0]
-    assert state.failures >= 1 and "500" in state.last_error
     await cache.close()
 
 
@@ -153,4 +153,36 @@ async def test_cache_is_bounded() -> None:
     for i in range(10):
         await cache.get(TokenKey(DEFAULT_IDENTITY, f"https://r{i}"))
     assert len(cache.states()) == 4
+    await cache.close()
+
+
+async def test_already_expired_token_from_upstream_is_refused_without_a_loop() -> None:
+    """Clock skew: the upstream hands out a token that is already past its margin."""
+    calls = 0
+
+    async def skewed(key: TokenKey) -> Token:
+        nonlocal calls
+        calls += 1
+        return tok(time.time() - 100, 95)  # expired 5 s ago
+
+    cache = TokenCache(fetch=skewed)
+    with pytest.raises(errors.ServerError, match="expires in"):
+        await cache.get(KEY)
+    await asyncio.sleep(0.2)
+    assert calls == 1  # no background refetch loop
+    assert cache.states() == []
+    await cache.close()
+
+
+async def test_failed_lookups_do_not_evict_warm_entries() -> None:
+    upstream = FakeUpstream(3600)
+    cache = TokenCache(fetch=upstream, maxsize=2)
+    await cache.get(KEY)
+    upstream.fail = errors.Rejected("identity endpoint", "answered 400", 400)
+    for i in range(5):
+        with pytest.raises(errors.Rejected):
+            await cache.get(TokenKey(DEFAULT_IDENTITY, f"https://junk{i}"))
+    upstream.fail = None
+    token, hit = await cache.get(KEY)
+    assert hit and token.value == "token-1"
     await cache.close()
