@@ -1,4 +1,4 @@
-"""Per-client token buckets: ``rate`` requests per second with a burst of twice that."""
+"""Per-client token buckets: ``rate`` requests per second with a burst of twice that (at least one)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ class Bucket:
     tokens: float
     updated: float
 
+    @property
+    def burst(self) -> float:
+        # Below 0.5 requests/s twice the rate is under one request: the bucket would never allow any.
+        return max(1.0, 2 * self.rate)
+
     @classmethod
     def full(cls, rate: float, now: float) -> Bucket:
-        return cls(rate=rate, tokens=2 * rate, updated=now)
+        return cls(rate=rate, tokens=max(1.0, 2 * rate), updated=now)
 
     def take(self, now: float) -> float:
         """Spend one request; 0 if allowed, else the seconds until one is."""
-        self.tokens = min(2 * self.rate, self.tokens + (now - self.updated) * self.rate)
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
         if self.tokens >= 1:
             self.tokens -= 1
