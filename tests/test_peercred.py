@@ -33,7 +33,7 @@ async def test_credentials_read_once_per_connection(make_broker: BrokerFactory,
                                        headers={"Metadata": "true"}) as response:
                     assert response.status == 200
     assert len(calls) == 2
-    assert calls[0].uid == os.getuid() and calls[0].pid == os.getpid()
+    assert calls[0].uid == os.getuid()
     assert os.getgid() in calls[0].gids
 
 
@@ -42,3 +42,25 @@ async def test_a_group_admits_the_caller(make_broker: BrokerFactory) -> None:
     async with running.unix().get("http://localhost/msi/token", params={"resource": VAULT},
                                   headers={"Metadata": "true"}) as response:
         assert response.status == 200
+
+
+def test_supplementary_groups_come_from_the_kernel() -> None:
+    import socket
+
+    from broker.peercred import peer_of
+
+    def child_groups() -> frozenset[int]:
+        left, right = socket.socketpair()
+        with left, right:
+            return peer_of(left).gids
+
+    before = child_groups()
+    assert os.getgid() in before
+    if os.getuid() != 0:
+        pytest.skip("changing supplementary groups needs root")
+    old = os.getgroups()
+    try:
+        os.setgroups([4242, 4343])
+        assert {4242, 4343} <= child_groups()
+    finally:
+        os.setgroups(old)
