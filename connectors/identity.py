@@ -199,7 +199,7 @@ class IdentityClient:
             "read_timeout": self._retry.timeout,
         }
         if src.ca_file:
-            sdk_options["connection_verify"] = src.ca_file
+            sdk_options["transport"] = sdk.tls_transport(src.ca_file, self._retry.timeout)
         if src.kind in ("workload", "client_secret"):
             if identity.kind != "default":
                 raise errors.Rejected(UPSTREAM, f"source {src.kind} has one identity; cannot act as {identity}", 400)

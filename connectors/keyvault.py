@@ -139,7 +139,7 @@ class VaultClient:
             "verify_challenge_resource": verify_challenge_resource,
         }
         if ca_file:
-            sdk_options["connection_verify"] = ca_file
+            sdk_options["transport"] = sdk.tls_transport(ca_file, self._retry.timeout)
         self._client = SecretClient(url, TokenSourceCredential(tokens), **sdk_options)
 
     async def get(self, name: str, version: str = "") -> Secret:

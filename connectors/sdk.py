@@ -8,10 +8,12 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import aiohttp
 from azure.core.exceptions import (
     ClientAuthenticationError,
     ServiceRequestError,
@@ -19,6 +21,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
     ServiceResponseTimeoutError,
 )
+from azure.core.pipeline.transport import AioHttpTransport
 
 from connectors import errors
 from connectors.retry import RetryPolicy, parse_retry_after, retry_delay
@@ -28,6 +31,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Observe = Callable[[str, float], None]
 StatusFamilies = Mapping[int, type[errors.UpstreamStatus]]
+
+
+def tls_transport(ca_file: str, timeout: float) -> Any:
+    """An azure-core transport whose TLS context, with the extra CA, is built once.
+
+    Given ``connection_verify=<file>``, azure-core parses the file into a new SSLContext for
+    every request, on the event loop, and as aiohttp pools connections by context, opens a new
+    connection each time. A session whose connector holds one context avoids both.
+    """
+    context = ssl.create_default_context(cafile=ca_file)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context), trust_env=True)
+    return AioHttpTransport(session=session, session_owner=True, connection_timeout=timeout, read_timeout=timeout)
 
 
 def classify(

@@ -322,3 +322,12 @@ async def test_no_error_message_carries_the_value_or_a_token(emu: Emulator, vaul
         for text in (str(exc), repr(exc), exc.message):
             assert VALUE not in text
             assert "eyJ" not in text  # no JWT
+
+
+async def test_sequential_reads_share_one_tls_connection(emu: Emulator, vault: VaultClient) -> None:
+    """With a ca_file the TLS context is built once, so aiohttp can keep reusing its connection."""
+    for n in range(10):
+        emu.set_secret("main", "reused", f"value-{n}")
+        assert (await vault.get("reused")).value == f"value-{n}"
+    assert emu.requests("keyvault") >= 11  # the challenge, then ten reads
+    assert emu.connections("keyvault") <= 2

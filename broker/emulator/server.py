@@ -24,6 +24,7 @@ import shutil
 import socket
 import ssl
 import tempfile
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -181,6 +182,9 @@ class Emulator:
         self._store = SecretStore()
         self._faults = FaultQueue()
         self._requests: dict[Target, int] = dict.fromkeys(TARGETS, 0)
+        # Connections seen per target, weakly: clients that reuse connections show up as few.
+        self._connections: dict[Target, weakref.WeakSet[Any]] = {t: weakref.WeakSet() for t in TARGETS}
+        self._connection_counts: dict[Target, int] = dict.fromkeys(TARGETS, 0)
         self._identity = IdentityService(
             self._issuer,
             identity_header if identity_header is not None else secrets.token_urlsafe(32),
@@ -406,6 +410,10 @@ class Emulator:
         """Requests received by ``target`` (faulted ones included, control API excluded)."""
         return self._requests[check_target(target)]
 
+    def connections(self, target: Target) -> int:
+        """Distinct connections that carried counted requests to ``target``."""
+        return self._connection_counts[check_target(target)]
+
     def received(self, target: Target | None = None) -> list[ReceivedRequest]:
         """The latest counted requests (up to 1000), oldest first; all targets unless one is given."""
         wanted = None if target is None else check_target(target)
@@ -425,6 +433,8 @@ class Emulator:
 
     def reset_stats(self) -> None:
         self._requests = dict.fromkeys(TARGETS, 0)
+        self._connection_counts = dict.fromkeys(TARGETS, 0)
+        self._connections = {t: weakref.WeakSet() for t in TARGETS}
         self._identity.tokens_issued = 0
         self._aad.tokens_issued = 0
         self._received.clear()
@@ -496,6 +506,9 @@ class Emulator:
                 return await handler(request)
             target: Target = "identity" if aad.is_aad_path(request.path) else listener
             self._requests[target] += 1
+            if request.transport is not None and request.transport not in self._connections[target]:
+                self._connections[target].add(request.transport)
+                self._connection_counts[target] += 1
             await self._record(target, request)
             fault = self._faults.take(target, request.path)
             if fault is None:
