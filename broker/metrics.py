@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -54,9 +54,12 @@ class _TokenExpiry(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, resources: Iterable[str] = (), vaults: Iterable[str] = ()) -> None:
+        """``resources`` and ``vaults``: the configured ones, labelled whatever their outcome."""
         self.registry = CollectorRegistry()
         self.resource_label = _Bounded()
+        self._known_resources = frozenset(resources)
+        self._known_vaults = frozenset(vaults)
         self.token_requests = Counter(
             "tokenbroker_token_requests",
             "Token requests by resource and outcome (hit, miss, denied, error)",
@@ -90,14 +93,13 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
-        self.vault_label = _Bounded(16)
 
     def watch_secrets(self, size: Callable[[], int]) -> None:
         gauge = Gauge("tokenbroker_secret_cache_entries", "Secrets held in the cache", registry=self.registry)
         gauge.set_function(lambda: float(size()))
 
     def secret_request(self, vault: str, outcome: str) -> None:
-        self.secret_requests.labels(self.vault_label(vault), outcome).inc()
+        self.secret_requests.labels(vault if vault in self._known_vaults else OTHER, outcome).inc()
 
     def vault(self, alias: str) -> Callable[[str, float], None]:
         def observe(outcome: str, seconds: float) -> None:
@@ -109,7 +111,13 @@ class Metrics:
         self.registry.register(_TokenExpiry(states, self.resource_label))
 
     def token_request(self, resource: str, outcome: str) -> None:
-        self.token_requests.labels(self.resource_label(resource), outcome).inc()
+        # Only what is configured, or what a caller really obtained, may take a label: denied or
+        # failed requests for made-up resources must not use up the slots real ones need.
+        if resource in self._known_resources or outcome in ("hit", "miss"):
+            label = self.resource_label(resource)
+        else:
+            label = OTHER
+        self.token_requests.labels(label, outcome).inc()
 
     def upstream(self, upstream: str) -> Callable[[str, float], None]:
         def observe(outcome: str, seconds: float) -> None:

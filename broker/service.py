@@ -178,7 +178,7 @@ class Broker:
         self.environ = os.environ if environ is None else environ
         self.emulator = emulator  # the caller's, for identity.source = "dev"; not closed here
         self.lifecycle = Lifecycle()
-        self.metrics = Metrics()
+        self.metrics = Metrics(resources=config.warm_resources(), vaults=config.vaults)
         self.listeners: list[Listener] = []
         self._runner: web.AppRunner | None = None
         self._state = "new"  # new -> started -> stopped; the one guard for start/stop

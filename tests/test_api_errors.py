@@ -196,3 +196,17 @@ async def test_health_listener_on_wildcard_address(make_broker: BrokerFactory) -
     async with session.get(f"http://127.0.0.2:{port}/msi/token", params={"resource": VAULT},
                            headers={"X-IDENTITY-HEADER": KEY, "Host": "localhost"}) as response:
         assert_error(response.status, await response.json(), 404, "not_found")
+
+
+async def test_denied_requests_cannot_use_up_metric_labels(broker: RunningBroker) -> None:
+    for n in range(80):
+        status, _, _ = await get(broker, "/msi/token", params={"resource": f"https://junk{n}.example"},
+                                 headers={"X-IDENTITY-HEADER": OTHER_KEY})
+        assert status == 403
+    status, _, _ = await get(broker, "/msi/token", params={"resource": VAULT}, headers={"X-IDENTITY-HEADER": KEY})
+    assert status == 200
+    async with broker.tcp().get(f"{broker.http_url}/metrics") as response:
+        text = await response.text()
+    assert 'tokenbroker_token_requests_total{outcome="denied",resource="other"} 80.0' in text
+    assert f'tokenbroker_token_requests_total{{outcome="miss",resource="{VAULT}"}} 1.0' in text
+    assert "junk" not in text
