@@ -109,6 +109,7 @@ class Listener:
     role: str  # "socket", "http" or "health"
     sock: socket.socket
     address: str  # as people write it: a path, or host:port
+    inode: int = 0  # of the socket file we bound, so we never remove a successor's
 
     @property
     def url(self) -> str:
@@ -161,7 +162,14 @@ def bind_unix(path: str, mode: int) -> Listener:
         os.umask(old_umask)
     os.chmod(path, mode)
     sock.listen(512)
-    return Listener("socket", sock, path)
+    return Listener("socket", sock, path, inode=os.stat(path).st_ino)
+
+
+def remove_socket_file(listener: Listener) -> None:
+    """Unlink our socket file, unless another broker has bound a new one at the path since."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(listener.address).st_ino == listener.inode:
+            os.unlink(listener.address)
 
 
 class Broker:
@@ -305,15 +313,17 @@ class Broker:
             return
         self._state = "stopped"
         self.lifecycle.draining = True
+        # Gone before the drain, not after: new callers fail at once instead of queueing on a
+        # listener about to close, and a broker started meanwhile binds a fresh file we leave be.
+        for item in self.listeners:
+            if item.role == "socket":
+                remove_socket_file(item)
         try:
             if self._runner is not None:
                 await asyncio.shield(self._runner.cleanup())
         finally:
             for item in self.listeners:
                 item.sock.close()
-                if item.role == "socket":
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(item.address)
 
 
 async def serve(broker: Broker, announce: Callable[[Broker], None] | None = None) -> int:

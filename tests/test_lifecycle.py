@@ -113,13 +113,24 @@ async def test_sigterm_lets_slow_inflight_request_finish(running: BrokerProcess,
             headers={"Metadata": "true"}))
         await asyncio.sleep(0.5)  # the request is now waiting on the slow upstream
         running.proc.send_signal(signal.SIGTERM)
+        for _ in range(100):  # the socket file goes as the drain starts
+            if not os.path.exists(running.socket_path):
+                break
+            await asyncio.sleep(0.01)
+        assert not os.path.exists(running.socket_path)
+        # a successor can start on the same path while the old broker drains
+        successor = await start_broker(running.config_path, emulator)
         response = await request
         assert response.status == 200
         record((await response.json())["access_token"])
     code, err = await running.finish()
     assert code == 0, err[-2000:]
-    assert not os.path.exists(running.socket_path)
     assert "stopping" in err
+    assert os.path.exists(successor.socket_path)  # the old broker left the new file alone
+    successor.proc.send_signal(signal.SIGTERM)
+    code, _ = await successor.finish()
+    assert code == 0
+    assert not os.path.exists(successor.socket_path)
 
 
 async def test_readiness_goes_503_at_once_when_draining(running: BrokerProcess, emulator: Emulator) -> None:
