@@ -264,6 +264,7 @@ class Broker:
             default_client_id=source.client_id,
             imds_compat=cfg.server.imds_compat,
             imds_client=imds_client,
+            user_assigned=source.kind in ("app_service", "imds"),
         )
         app = make_app(services)
 

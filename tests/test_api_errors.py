@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from broker.emulator import Fault
+from broker.emulator import Emulator, Fault
 from tests.conftest import BASE_CONFIG, KEY, OTHER_KEY, BrokerFactory, RunningBroker
 
 VAULT = "https://vault.azure.net"
@@ -210,3 +210,61 @@ async def test_denied_requests_cannot_use_up_metric_labels(broker: RunningBroker
     assert 'tokenbroker_token_requests_total{outcome="denied",resource="other"} 80.0' in text
     assert f'tokenbroker_token_requests_total{{outcome="miss",resource="{VAULT}"}} 1.0' in text
     assert "junk" not in text
+
+
+async def test_400_checks_come_before_an_unknown_socket_peer_403(make_broker: BrokerFactory) -> None:
+    broker = await make_broker(f'[[clients]]\nname = "someone-else"\nuids = [{os.getuid() + 4242}]\n')
+    status, body, _ = await get(broker, "/msi/token", headers={"Metadata": "true"}, unix=True)
+    assert_error(status, body, 400, "invalid_request")  # missing resource
+    status, body, _ = await get(broker, "/v1/status", headers={"Metadata": "true"}, unix=True)
+    assert_error(status, body, 403, "forbidden")
+
+
+async def test_flush_body_checked_before_admin(broker: RunningBroker) -> None:
+    session = broker.tcp()
+    for body in ({"vault": "main", "name": 5}, {"name": "x"}, {"other": 1}):
+        async with session.post(f"{broker.http_url}/v1/cache/flush", json=body,
+                                headers={"X-IDENTITY-HEADER": OTHER_KEY}) as response:
+            assert_error(response.status, await response.json(), 400, "invalid_request")
+    async with session.post(f"{broker.http_url}/v1/cache/flush", json={},
+                            headers={"X-IDENTITY-HEADER": OTHER_KEY}) as response:
+        assert_error(response.status, await response.json(), 403, "forbidden")
+
+
+async def test_object_id_answer_does_not_claim_a_client_id(make_broker: BrokerFactory) -> None:
+    broker = await make_broker(f'[[clients]]\nname = "any"\nkey = "{KEY}"\nresources = ["*"]\nidentities = ["*"]\n')
+    status, body = await broker.token(VAULT, object_id="aaaaaaaa-0000-0000-0000-000000000001")
+    assert status == 200 and body["client_id"] == ""
+    status, body = await broker.token(VAULT, client_id="bbbbbbbb-0000-0000-0000-000000000002")
+    assert status == 200 and body["client_id"] == "bbbbbbbb-0000-0000-0000-000000000002"
+
+
+APP_SOURCE = """
+[server]
+socket = "$socket"
+http = "127.0.0.1:0"
+health = ""
+
+[identity]
+source = "client_secret"
+tenant_id = "$tenant"
+client_id = "$app"
+client_secret_env = "APP_SECRET"
+endpoint = "$authority"
+ca_file = "$ca_file"
+"""
+
+
+async def test_client_secret_source_through_the_broker(make_broker: BrokerFactory, emulator: Emulator) -> None:
+    app = "cccccccc-0000-4000-8000-000000000003"
+    secret = emulator.register_app(app)
+    base = (APP_SOURCE.replace("$tenant", emulator.tenant_id).replace("$app", app)
+            .replace("$authority", emulator.authority_host))
+    broker = await make_broker(f'[[clients]]\nname = "any"\nkey = "{KEY}"\nresources = ["*"]\nidentities = ["*"]\n',
+                               base=base, environ={"APP_SECRET": secret})
+    status, body = await broker.token(VAULT)
+    assert status == 200
+    assert emulator.verify_token(body["access_token"], VAULT)["appid"] == app
+    status, body = await broker.token(VAULT, client_id="dddddddd-0000-0000-0000-000000000004")
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert "one identity" in body["error_description"]

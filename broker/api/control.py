@@ -7,8 +7,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from broker.api.state import CALLER, SERVICES, Lifecycle
-from broker.errors import Forbidden
+from broker.api.state import SERVICES, Lifecycle, admin_of, client_of
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -47,6 +46,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
+    client_of(request)
     services = request.app[SERVICES]
     now = time.time()
     tokens = [
@@ -79,9 +79,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def quitquitquit(request: web.Request) -> web.Response:
-    caller = request[CALLER]
-    if not caller.client.admin:
-        raise Forbidden(f"client {caller.client.name} is not an admin client")
+    admin_of(request)
     request.app[SERVICES].lifecycle.stop.set()
     return web.json_response({"status": "stopping"}, status=202)
 

@@ -19,7 +19,6 @@ from broker.api.state import CALLER, SERVICES, Caller, Role, Services
 from broker.errors import (
     BadRequest,
     BrokerError,
-    Forbidden,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -141,10 +140,10 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             client = services.policy.by_key(key)
             if client is None:
                 raise Unauthorized("the identity header does not match any client key")
-            caller = Caller(client, role)
+            caller = Caller(client)
         elif request.path == IMDS_PATH and services.imds_compat and services.imds_client is not None:
             # As with the real IMDS, any local process gets the configured client's rights.
-            caller = Caller(services.imds_client, role)
+            caller = Caller(services.imds_client)
         else:
             raise Unauthorized("missing X-IDENTITY-HEADER: TCP callers must present a client key")
 
@@ -156,14 +155,12 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         if not (_has_metadata(request) or _presented_key(request) is not None):
             raise BadRequest("requests must carry the header 'Metadata: true'")
         peer = services.peers.of(request.transport)
-        client = services.policy.by_peer(peer.uid, peer.gids)
-        if client is None:
-            raise Forbidden(f"no client entry admits uid {peer.uid}")
-        caller = Caller(client, role, peer.uid)
+        caller = Caller(services.policy.by_peer(peer.uid, peer.gids), peer.uid)
     assert caller is not None
 
-    wait = services.limiter.check(caller.client.name, caller.client.rate_limit, time.monotonic())
-    if wait > 0:
-        raise RateLimited(f"client {caller.client.name} is over its rate limit", retry_after=wait)
+    if caller.client is not None:
+        wait = services.limiter.check(caller.client.name, caller.client.rate_limit, time.monotonic())
+        if wait > 0:
+            raise RateLimited(f"client {caller.client.name} is over its rate limit", retry_after=wait)
     request[CALLER] = caller
     return await handler(request)

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.state import CALLER, SERVICES, Services
+from broker.api.state import SERVICES, Services, admin_of, client_of
 from broker.errors import BadRequest, BrokerError, Forbidden, NotFound
 from broker.secrets import SecretKey
 from connectors.errors import ConnectorError
@@ -27,11 +27,11 @@ async def _lookup(request: web.Request, vault: str, name: str, version: str) -> 
         raise BadRequest("secret names are 1-127 characters of 0-9, a-z, A-Z and '-'")
     if version and not valid_version(version):
         raise BadRequest("secret versions are 1-64 letters and digits")
-    caller = request[CALLER]
+    client = client_of(request)
     metrics = services.metrics
-    if not services.policy.allows_secret(caller.client, vault, name):
+    if not services.policy.allows_secret(client, vault, name):
         metrics.secret_request(vault, "denied")
-        raise Forbidden(f"client {caller.client.name} may not read {vault}/{name}")
+        raise Forbidden(f"client {client.name} may not read {vault}/{name}")
     if vault not in services.vaults:
         metrics.secret_request(vault, "unknown")
         raise NotFound(f"no vault '{vault}' is configured ([vaults.{vault}])")
@@ -85,9 +85,6 @@ async def dapr_secret(request: web.Request) -> web.Response:
 
 
 async def flush(request: web.Request) -> web.Response:
-    caller = request[CALLER]
-    if not caller.client.admin:
-        raise Forbidden(f"client {caller.client.name} is not an admin client")
     vault = name = None
     if request.can_read_body:
         try:
@@ -97,8 +94,11 @@ async def flush(request: web.Request) -> web.Response:
         if not isinstance(body, dict) or not set(body) <= {"vault", "name"}:
             raise BadRequest("the body may name only 'vault' and 'name'")
         vault, name = body.get("vault"), body.get("name")
+        if not all(isinstance(v, str | None) for v in (vault, name)):
+            raise BadRequest("'vault' and 'name' must be strings")
         if name is not None and vault is None:
             raise BadRequest("'name' needs 'vault'")
+    admin_of(request)
     dropped = request.app[SERVICES].secrets.drop(vault, name)
     return web.json_response({"dropped": dropped})
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 from aiohttp import web
 
+from broker.errors import Forbidden
 from broker.metrics import Metrics
 from broker.peercred import PeerCache
 from broker.policy import Client, Policy
@@ -50,14 +51,30 @@ class Services:
     default_client_id: str = ""
     imds_compat: bool = False
     imds_client: Client | None = None
+    user_assigned: bool = True  # whether the identity source can act as user-assigned identities
     peers: PeerCache = field(default_factory=PeerCache)
 
 
 @dataclass(frozen=True)
 class Caller:
-    client: Client
-    role: Role
+    client: Client | None  # None: a socket peer that no client entry admits
     uid: int | None = None
+
+
+def client_of(request: web.Request) -> Client:
+    """The caller's client entry, or 403. Handlers call it at their policy check, after their own
+    400 checks, as CONTRACT section 3 orders them."""
+    caller = request[CALLER]
+    if caller.client is None:
+        raise Forbidden(f"no client entry admits uid {caller.uid}")
+    return caller.client
+
+
+def admin_of(request: web.Request) -> Client:
+    client = client_of(request)
+    if not client.admin:
+        raise Forbidden(f"client {client.name} is not an admin client")
+    return client
 
 
 SERVICES = web.AppKey("services", Services)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from broker.api.guard import IMDS_PATH
-from broker.api.state import CALLER, SERVICES
+from broker.api.state import SERVICES, client_of
 from broker.errors import BadRequest, BrokerError, Forbidden, NotFound
 from broker.tokens import TokenKey
 from connectors.errors import ConnectorError
@@ -65,21 +65,25 @@ async def token(request: web.Request) -> web.Response:
         raise BadRequest("missing the 'resource' parameter, e.g. resource=https://vault.azure.net")
     audience = resource.removesuffix(DEFAULT_SCOPE_SUFFIX)
     identity = requested_identity(params)
-    caller = request[CALLER]
+    if identity.kind != "default" and not services.user_assigned:
+        raise BadRequest("this broker's identity source has one identity only; "
+                         "client_id, object_id and mi_res_id cannot be honoured")
+    client = client_of(request)
     metrics = services.metrics
-    if not services.policy.allows_resource(caller.client, audience):
+    if not services.policy.allows_resource(client, audience):
         metrics.token_request(audience, "denied")
-        raise Forbidden(f"client {caller.client.name} may not have tokens for {audience}")
-    if not services.policy.allows_identity(caller.client, identity):
+        raise Forbidden(f"client {client.name} may not have tokens for {audience}")
+    if not services.policy.allows_identity(client, identity):
         metrics.token_request(audience, "denied")
-        raise Forbidden(f"client {caller.client.name} may not act as identity {identity}")
+        raise Forbidden(f"client {client.name} may not act as identity {identity}")
     try:
         got, hit = await services.tokens.get(TokenKey(identity, audience))
     except (BrokerError, ConnectorError):
         metrics.token_request(audience, "error")
         raise
     metrics.token_request(audience, "hit" if hit else "miss")
-    client_id = identity.value if identity.kind == "client_id" else services.default_client_id
+    # For an object_id or mi_res_id the client id is not ours to know: say nothing rather than guess.
+    client_id = {"default": services.default_client_id, "client_id": identity.value}.get(identity.kind, "")
     body = {
         "access_token": got.value,
         "expires_on": str(int(got.expires_on)),
