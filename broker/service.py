@@ -228,7 +228,7 @@ class Broker:
             alias: VaultClient(
                 alias, vault.url, broker_token, ca_file=vault.ca_file,
                 verify_challenge_resource=vault.verify_challenge_resource,
-                retry=retry, observe=self.metrics.vault(alias),
+                retry=retry, observe=self.metrics.vault(alias), resource=vault.resource,
             )
             for alias, vault in cfg.vaults.items()
         }

@@ -126,9 +126,12 @@ class VaultClient:
         verify_challenge_resource: bool = True,
         retry: RetryPolicy | None = None,
         observe: Callable[[str, float], None] | None = None,
+        resource: str = "https://vault.azure.net",
     ) -> None:
         self.alias = alias
         self.upstream = f"vault {alias}"
+        self._tokens = tokens
+        self._resource = resource
         self._retry = retry or RetryPolicy()
         self._observe = observe
         self._closed = False
@@ -160,6 +163,10 @@ class VaultClient:
             )
         if self._closed:
             raise errors.Unreachable(self.upstream, "the broker is shutting down")
+        # The token first, outside the vault's per-attempt timeout: a slow identity endpoint is
+        # not a slow vault, and has already been retried by the token source. The SDK's own
+        # request for it (after the challenge) is then a cache hit.
+        await self._tokens(self._resource)
         found = await sdk.with_retries(
             lambda: self._client.get_secret(name, version or None),
             upstream=self.upstream,

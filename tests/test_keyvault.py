@@ -131,10 +131,12 @@ async def test_challenge_round_trip_uses_the_token_source(emu: Emulator, tokens:
         assert (await vault.get("db-pass")).value == VALUE
         # the unauthenticated probe answered 401 with the challenge, then the real request
         assert emu.requests("keyvault") == 2
-        assert tokens.resources == [VAULT_RESOURCE]
+        # the client's prefetch (outside the vault's timeout), then the SDK's own request
+        assert tokens.resources == [VAULT_RESOURCE, VAULT_RESOURCE]
         await vault.get("db-pass")
         assert emu.requests("keyvault") == 3
-        assert tokens.resources == [VAULT_RESOURCE]  # the SDK kept the token: no second fetch
+        # only the prefetch: the SDK kept its token
+        assert tokens.resources == [VAULT_RESOURCE] * 3
     finally:
         await vault.close()
 
@@ -148,7 +150,8 @@ async def test_challenge_for_a_foreign_resource_is_refused(emu: Emulator, tokens
     finally:
         await vault.close()
     assert "verify_challenge_resource" in info.value.message
-    assert tokens.resources == []  # no token handed to a host that is not the challenge's resource
+    # only the prefetch: the SDK never asked for a token to hand to a host outside the resource
+    assert tokens.resources == [VAULT_RESOURCE]
 
 
 async def test_token_source_failure_passes_through_unretried(emu: Emulator) -> None:
@@ -331,3 +334,14 @@ async def test_sequential_reads_share_one_tls_connection(emu: Emulator, vault: V
         assert (await vault.get("reused")).value == f"value-{n}"
     assert emu.requests("keyvault") >= 11  # the challenge, then ten reads
     assert emu.connections("keyvault") <= 2
+
+
+async def test_a_slow_token_is_not_a_slow_vault(emu: Emulator, tokens: Tokens) -> None:
+    """The token is fetched outside the vault's per-attempt timeout."""
+    emu.set_secret("main", "db-pass", VALUE)
+    emu.add_fault("identity", Fault(mode="delay", delay=0.6))
+    vault = make_client(emu, tokens, retry=RetryPolicy(attempts=1, timeout=0.5))
+    try:
+        assert (await vault.get("db-pass")).value == VALUE
+    finally:
+        await vault.close()
