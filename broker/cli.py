@@ -195,6 +195,7 @@ async def _serve(config: Any, emulator: Any = None, environ: Any = None, announc
 async def _serve_dev(args: argparse.Namespace, config: Any = None) -> int:
     from broker.devmode import announcement, dev_config, dev_environ
     from broker.emulator import Emulator, seed_demo
+    from broker.service import StartupError
 
     environ = dev_environ()
     async with Emulator() as emulator:
@@ -204,6 +205,9 @@ async def _serve_dev(args: argparse.Namespace, config: Any = None) -> int:
         except ConfigError as error:
             _print_problems(error)
             return EXIT_USAGE
+        except StartupError as error:
+            print(f"tokenbroker: {error}", file=sys.stderr)
+            return EXIT_FAILURE
 
         def announce(broker: Any) -> None:
             addresses = {item.role: item.address for item in broker.listeners}

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import stat
 from importlib import resources
+from pathlib import Path
 from string import Template
 
 from broker.client import dev_socket_path
 from broker.config import Config, parse_config
 from broker.emulator import Emulator
+from broker.service import StartupError
 
 DEV_HTTP = "127.0.0.1:8765"
 DEV_HEALTH = "127.0.0.1:8766"
@@ -21,8 +24,23 @@ def dev_environ() -> dict[str, str]:
     return {**os.environ, "TOKENBROKER_DEV_KEY": secrets.token_urlsafe(24)}
 
 
+def private_dir(path: Path) -> None:
+    """Create ``path`` for our socket, or accept it only if it is ours and closed to others.
+
+    The dev socket lives under /tmp when there is no XDG_RUNTIME_DIR, where another user could
+    have created the directory first and so watch or replace the socket.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise StartupError(f"{path} must be a directory of yours that only you can use (mode 0700); "
+                           "remove it, or set TOKENBROKER_SOCKET to a path of your own")
+
+
 def dev_config(emulator: Emulator, environ: dict[str, str], *, http: str = DEV_HTTP,
                health: str = DEV_HEALTH, socket: str | None = None) -> Config:
+    if socket is None and not environ.get("TOKENBROKER_SOCKET"):
+        private_dir(Path(dev_socket_path(environ)).parent)
     template = Template(resources.files("broker").joinpath("dev.toml").read_text())
     text = template.substitute(
         socket=socket if socket is not None else dev_socket_path(environ),

@@ -75,7 +75,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 def _role(request: web.Request, services: Services) -> Role:
     sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None or sock.family == socket.AF_UNIX:
+    if sock is None:
+        # Never default to the socket's rules: they skip the TCP key check.
+        raise BadRequest("cannot tell which listener the request came in on")
+    if sock.family == socket.AF_UNIX:
         return "unix"
     # By family and port, not address: on a wildcard bind (0.0.0.0 for kubelet probes) the
     # accepted socket's local address is whatever interface the probe came in on.
