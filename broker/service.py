@@ -32,6 +32,11 @@ from connectors.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 
+# How long a caller's request may wait on upstream retries before it is answered: callers
+# (runbook samples, SDKs) commonly give up after 30 s, and one attempt may still take a timeout.
+DEADLINE = 20.0
+
+
 class StartupError(Exception):
     """The broker cannot start for a reason outside its configuration (port taken, ...)."""
 
@@ -214,7 +219,8 @@ class Broker:
     async def _start(self) -> None:
         cfg = self.config
         source = identity_source(cfg.identity, self.environ, self.emulator)
-        retry = RetryPolicy(attempts=cfg.identity.attempts, timeout=cfg.identity.timeout)
+        retry = RetryPolicy(attempts=cfg.identity.attempts, timeout=cfg.identity.timeout,
+                            deadline=max(DEADLINE, cfg.identity.timeout))
         identity = IdentityClient(source, retry, observe=self.metrics.upstream("identity"))
 
         tokens = TokenCache(fetch=lambda key: identity.fetch(key.resource, key.identity))
@@ -300,6 +306,7 @@ class Broker:
             if not failed:
                 break
             self.lifecycle.warm_error = f"{failed[0][0]}: {failed[0][1]}"
+            self.lifecycle.warm_failed_at = tokens.obtained
             log.warning("warm-up: %d of %d tokens failed (%s); again in %.0fs",
                         len(failed), len(resources), self.lifecycle.warm_error, delay)
             await asyncio.sleep(delay)

@@ -16,14 +16,26 @@ class RetryPolicy:
     # A Retry-After longer than this ends the fetch instead of sleeping through it: the caller
     # gets 503 with the Retry-After at once, and the token cache holds off the upstream.
     max_retry_after: float = 2.0
+    # No retry starts later than this many seconds after the first attempt did.
+    deadline: float = 30.0
 
 
-def retry_delay(policy: RetryPolicy, attempt: int, error: errors.ConnectorError, jitter: float) -> float | None:
+def retry_delay(
+    policy: RetryPolicy, attempt: int, error: errors.ConnectorError, jitter: float, elapsed: float = 0.0
+) -> float | None:
     """Seconds to wait before attempt ``attempt + 1``, or None to give up.
 
-    ``attempt`` counts from 1; ``jitter`` is a random number in [0, 1) ("full jitter" halves the
-    spread so retries of many brokers do not synchronise, yet never shrinks the wait below half).
+    ``attempt`` counts from 1; ``elapsed`` is the time since the first attempt started;
+    ``jitter`` is a random number in [0, 1) (the wait is spread over half to all of the backoff,
+    so retries of many brokers do not synchronise).
     """
+    delay = _delay(policy, attempt, error, jitter)
+    if delay is None or elapsed + delay > policy.deadline:
+        return None
+    return delay
+
+
+def _delay(policy: RetryPolicy, attempt: int, error: errors.ConnectorError, jitter: float) -> float | None:
     if attempt >= policy.attempts:
         return None
     if isinstance(error, errors.Throttled):

@@ -126,6 +126,7 @@ async def with_retries(
             observe(outcome, time.monotonic() - started)
 
     number = 0
+    first = time.monotonic()
     while True:
         number += 1
         started = time.monotonic()
@@ -138,7 +139,7 @@ async def with_retries(
         except Exception as exc:  # every SDK failure is classified, none escapes raw
             error = classify_failure(exc)
             note(type(error).__name__, started)
-            delay = retry_delay(policy, number, error, rand())
+            delay = retry_delay(policy, number, error, rand(), time.monotonic() - first)
             if delay is None:
                 raise error from None
             log.info(

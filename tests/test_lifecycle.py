@@ -208,3 +208,16 @@ async def test_second_broker_on_same_socket_is_refused(running: BrokerProcess, e
     assert proc.returncode == 1
     assert "another broker is listening" in err.decode()
     assert os.path.exists(running.socket_path)  # the running broker's socket is untouched
+
+
+def test_readiness_after_a_partial_warm_up() -> None:
+    from broker.api.control import readiness
+    from broker.api.state import Lifecycle
+
+    lifecycle = Lifecycle(started=True)
+    assert readiness(lifecycle, 1)["tokens"].startswith("pending")  # one of several warm tokens
+    lifecycle.warm_failed_at = 1
+    assert readiness(lifecycle, 1)["tokens"].startswith("pending")
+    assert readiness(lifecycle, 2)["tokens"] == "ok"  # a token obtained since the failed round
+    lifecycle.warm_failed_at, lifecycle.warmed = None, True
+    assert readiness(lifecycle, 0) == {"listeners": "ok", "tokens": "ok", "draining": "ok"}

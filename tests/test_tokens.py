@@ -186,3 +186,10 @@ async def test_failed_lookups_do_not_evict_warm_entries() -> None:
     token, hit = await cache.get(KEY)
     assert hit and token.value == "token-1"
     await cache.close()
+
+
+def test_no_retry_past_the_deadline() -> None:
+    policy = RetryPolicy(attempts=10, base_delay=1, max_delay=8, deadline=5)
+    server = errors.ServerError("x", "boom", 500)
+    assert upstream_retry_delay(policy, 1, server, 0.0, elapsed=3.0) == 0.5
+    assert upstream_retry_delay(policy, 3, server, 0.0, elapsed=3.5) is None  # 3.5 + 2 > 5

@@ -21,7 +21,8 @@ async def startupz(request: web.Request) -> web.Response:
 
 def readiness(lifecycle: Lifecycle, tokens_obtained: int) -> dict[str, str]:
     """Each readiness check and its state; the broker is ready when all are "ok"."""
-    warm = "ok" if lifecycle.warmed or tokens_obtained > 0 else f"pending: {lifecycle.warm_error or 'warming up'}"
+    since_failure = lifecycle.warm_failed_at is not None and tokens_obtained > lifecycle.warm_failed_at
+    warm = "ok" if lifecycle.warmed or since_failure else f"pending: {lifecycle.warm_error or 'warming up'}"
     return {
         "listeners": "ok" if lifecycle.started else "starting",
         "tokens": warm,

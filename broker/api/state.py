@@ -28,6 +28,8 @@ class Lifecycle:
     warmed: bool = False  # the start-up warm-up succeeded (or had nothing to do)
     draining: bool = False
     warm_error: str = ""
+    # Tokens obtained when a warm-up round last failed: any token obtained after that counts.
+    warm_failed_at: int | None = None
 
 
 @dataclass(frozen=True)
