@@ -18,6 +18,7 @@ from broker.client import BrokerClient, BrokerRefused, BrokerUnreachable, defaul
 from broker.errors import ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("tokenbroker")
 
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=SERVE_EPILOG, formatter_class=fmt)
     serve.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
     serve.add_argument("--dev", action="store_true", help="run against the embedded emulator; no Azure needed")
-    serve.add_argument("--log-level", default=os.environ.get("TOKENBROKER_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default=os.environ.get("TOKENBROKER_LOG_LEVEL", "info").lower(),
+                       choices=LOG_LEVELS, help="default: $TOKENBROKER_LOG_LEVEL, else info")
     serve.add_argument("--log-format", choices=["json", "text"],
                        help="default: text on a terminal, JSON lines otherwise")
 
@@ -102,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     secret.add_argument("--json", action="store_true", help="print the broker's JSON answer (metadata too)")
     _add_socket(secret)
 
-    status = sub.add_parser("status", help="show what the running broker holds",
-                            description="Tokens, cached secrets, databases and proxy connections "
-                                        "(times and names only, never values).")
+    status = sub.add_parser("status", help="show what the running broker holds", formatter_class=fmt,
+                            description="Readiness, tokens (expires in, refresh in, last error), cached secrets\n"
+                                        "(age, never values), databases and proxy connections.",
+                            epilog="Examples:\n  tokenbroker status\n"
+                                   "  tokenbroker status --json | jq '.tokens[] | {resource, expires_in}'")
     status.add_argument("--json", action="store_true")
     _add_socket(status)
 
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "env", help="print IDENTITY_ENDPOINT/IDENTITY_HEADER for runbooks and SDKs", formatter_class=fmt,
         description="Print the environment that makes unchanged runbooks and Azure SDKs use the broker's\n"
                     "HTTP listener as their managed-identity endpoint.",
-        epilog="Example:\n  eval \"$(tokenbroker env --client runbooks)\"\n  python my_runbook.py")
+        epilog="Example:\n  eval \"$(tokenbroker env --client runbooks --export)\"\n  python my_runbook.py")
     env.add_argument("--config", metavar="FILE", help="configuration file (default: as for serve)")
     env.add_argument("--client", metavar="NAME", help="the client whose key to use (default: the first with a key)")
     env.add_argument("--export", action="store_true", help="prefix each line with 'export '")
@@ -157,6 +160,14 @@ def _print_problems(error: ConfigError) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.log_level not in LOG_LEVELS:  # a default from TOKENBROKER_LOG_LEVEL escapes argparse's check
+        print(f"tokenbroker: log level {args.log_level!r} (TOKENBROKER_LOG_LEVEL?) must be one of "
+              f"{', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.dev and args.config:
+        print("tokenbroker: --dev runs its own configuration; to run your file against the emulator, "
+              'set identity.source = "dev" in it and drop --dev', file=sys.stderr)
+        return EXIT_USAGE
     logs.setup(args.log_level, None if args.log_format is None else args.log_format == "json")
     if args.dev:
         return asyncio.run(_serve_dev(args))
@@ -264,12 +275,12 @@ def cmd_secret(args: argparse.Namespace) -> int:
 def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    seconds = int(seconds)
-    if abs(seconds) >= 3600:
-        return f"{seconds // 3600}h{(abs(seconds) % 3600) // 60:02d}m"
-    if abs(seconds) >= 60:
-        return f"{seconds // 60}m{abs(seconds) % 60:02d}s"
-    return f"{seconds}s"
+    sign, left = ("-" if seconds < 0 else ""), int(abs(seconds))
+    if left >= 3600:
+        return f"{sign}{left // 3600}h{(left % 3600) // 60:02d}m"
+    if left >= 60:
+        return f"{sign}{left // 60}m{left % 60:02d}s"
+    return f"{sign}{left}s"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:

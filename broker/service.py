@@ -338,8 +338,21 @@ async def serve(broker: Broker, announce: Callable[[Broker], None] | None = None
     """Run until SIGTERM, SIGINT or /quitquitquit, then drain; the exit code of ``serve``."""
     loop = asyncio.get_running_loop()
     stop = broker.lifecycle.stop
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # A second signal means "now": the operator will not wait out shutdown_grace.
+        log.warning("second signal: exiting without waiting for in-flight requests")
+        for item in broker.listeners:
+            if item.role == "socket":
+                remove_socket_file(item)
+        logging.shutdown()
+        os._exit(1)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await broker.start()
         if announce is not None:

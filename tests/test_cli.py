@@ -144,3 +144,21 @@ async def test_serve_dev_works_out_of_the_box(tmp_path: Path) -> None:
         LOG_CAPTURE.write(err.decode())
     assert proc.returncode == 0
     assert not sock.exists()
+
+
+async def test_serve_usage_mistakes_are_named(tmp_path: Path) -> None:
+    code, _, err = await cli("serve", "--dev", env={"TOKENBROKER_LOG_LEVEL": "verbose"})
+    assert code == 2 and "TOKENBROKER_LOG_LEVEL" in err and "Traceback" not in err
+    code, _, err = await cli("serve", "--dev", "--config", str(tmp_path / "x.toml"))
+    assert code == 2 and 'identity.source = "dev"' in err
+
+
+def test_status_table_renders_negative_and_long_times() -> None:
+    from broker.cli import render_status
+
+    text = render_status({
+        "ready": False, "checks": {"tokens": "pending"},
+        "tokens": [{"resource": "r", "identity": "default", "expires_in": -90, "refresh_in": 7260,
+                    "last_error": ""}],
+    })
+    assert "-1m30s" in text and "2h01m" in text and "ready: no" in text

@@ -221,3 +221,24 @@ def test_readiness_after_a_partial_warm_up() -> None:
     assert readiness(lifecycle, 2)["tokens"] == "ok"  # a token obtained since the failed round
     lifecycle.warm_failed_at, lifecycle.warmed = None, True
     assert readiness(lifecycle, 0) == {"listeners": "ok", "tokens": "ok", "draining": "ok"}
+
+
+async def test_second_signal_stops_at_once(tmp_path: Path, emulator: Emulator) -> None:
+    process = await start_broker(write_config(tmp_path, emulator, grace=30), emulator)
+    await wait_ready(process)
+    emulator.add_fault("identity", Fault(mode="delay", delay=20))
+    async with process.session() as session:
+        slow = asyncio.create_task(session.get(
+            "http://localhost/msi/token", params={"resource": "https://slow.example"},
+            headers={"Metadata": "true"}))
+        await asyncio.sleep(0.5)
+        process.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        process.proc.send_signal(signal.SIGTERM)
+        code, err = await process.finish(timeout=10)
+        slow.cancel()
+    assert code == 1
+    assert time.monotonic() - started < 5  # not the 30 s grace
+    assert "second signal" in err
+    assert not os.path.exists(process.socket_path)
