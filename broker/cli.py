@@ -222,7 +222,7 @@ async def _serve_dev(args: argparse.Namespace, config: Any = None) -> int:
 
         def announce(broker: Any) -> None:
             addresses = {item.role: item.address for item in broker.listeners}
-            print(announcement(config, addresses, environ["TOKENBROKER_DEV_KEY"]), flush=True)
+            print(announcement(addresses, environ["TOKENBROKER_DEV_KEY"]), flush=True)
 
         return await _serve(config, emulator, environ, announce)
 

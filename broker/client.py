@@ -39,7 +39,6 @@ class BrokerUnreachable(Exception):
 class BrokerRefused(Exception):
     def __init__(self, status: int, code: str, description: str) -> None:
         super().__init__(f"{description} ({status} {code})")
-        self.status = status
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from broker.errors import ConfigError
+from connectors.identity import resource_of
 
 DEFAULT_CONFIG_PATH = Path("/etc/tokenbroker/config.toml")
 MIN_KEY_LENGTH = 16
@@ -388,7 +389,7 @@ class Config(_Model):
     def warm_resources(self) -> tuple[str, ...]:
         """Resources to fetch tokens for at start: vaults', databases', then identity.warm."""
         found = [*(v.resource for v in self.vaults.values()), *(d.resource for d in self.databases.values())]
-        return tuple(dict.fromkeys(r.removesuffix("/.default") for r in [*found, *self.identity.warm]))
+        return tuple(dict.fromkeys(resource_of(r) for r in [*found, *self.identity.warm]))
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def dev_config(emulator: Emulator, environ: dict[str, str], *, http: str = DEV_H
     return parse_config(text, environ=environ, source="<dev config>")
 
 
-def announcement(config: Config, addresses: dict[str, str], key: str) -> str:
+def announcement(addresses: dict[str, str], key: str) -> str:
     """What a newcomer sees after ``serve --dev`` starts: where it listens and what to paste."""
     sock = addresses.get("socket", "")
     http = addresses.get("http", "")

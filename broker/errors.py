@@ -65,7 +65,6 @@ class UpstreamTimeout(BrokerError):
 
 
 _STATUS: dict[type[BrokerError], int] = {
-    ConfigError: 500,
     BadRequest: 400,
     Unauthorized: 401,
     Forbidden: 403,

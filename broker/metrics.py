@@ -53,6 +53,13 @@ class _TokenExpiry(Collector):
         yield gauge
 
 
+def _observer(histogram: Histogram, label: str) -> Callable[[str, float], None]:
+    def observe(outcome: str, seconds: float) -> None:
+        histogram.labels(label, outcome).observe(seconds)
+
+    return observe
+
+
 class Metrics:
     def __init__(self, resources: Iterable[str] = (), vaults: Iterable[str] = ()) -> None:
         """``resources`` and ``vaults``: the configured ones, labelled whatever their outcome."""
@@ -102,10 +109,8 @@ class Metrics:
         self.secret_requests.labels(vault if vault in self._known_vaults else OTHER, outcome).inc()
 
     def vault(self, alias: str) -> Callable[[str, float], None]:
-        def observe(outcome: str, seconds: float) -> None:
-            self.vault_seconds.labels(alias, outcome).observe(seconds)
-
-        return observe
+        """The per-attempt latency hook for a vault client."""
+        return _observer(self.vault_seconds, alias)
 
     def watch_tokens(self, states: Callable[[], list[TokenState]]) -> None:
         self.registry.register(_TokenExpiry(states, self.resource_label))
@@ -120,10 +125,8 @@ class Metrics:
         self.token_requests.labels(label, outcome).inc()
 
     def upstream(self, upstream: str) -> Callable[[str, float], None]:
-        def observe(outcome: str, seconds: float) -> None:
-            self.upstream_seconds.labels(upstream, outcome).observe(seconds)
-
-        return observe
+        """The per-attempt latency hook for an upstream client."""
+        return _observer(self.upstream_seconds, upstream)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -121,13 +121,8 @@ class Listener:
         return f"unix://{self.address}" if self.role == "socket" else f"http://{self.address}"
 
 
-def parse_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def bind_tcp(role: str, value: str) -> Listener:
-    host, port = parse_hostport(value)
+def bind_tcp(role: str, value: str, address: tuple[str, int]) -> Listener:
+    host, port = address
     if host == "localhost":
         host = "127.0.0.1"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -249,9 +244,10 @@ class Broker:
         policy = Policy.build([policy_client(c) for c in cfg.clients], owner_uid=os.getuid())
         imds_client = policy.by_name(cfg.server.imds_client) if cfg.server.imds_client else None
 
-        for role, value in (("http", cfg.server.http), ("health", cfg.server.health)):
-            if value:
-                self.listeners.append(bind_tcp(role, value))
+        for role, value, address in (("http", cfg.server.http, cfg.server.http_address()),
+                                     ("health", cfg.server.health, cfg.server.health_address())):
+            if address is not None:
+                self.listeners.append(bind_tcp(role, value, address))
         if cfg.server.socket:
             self.listeners.append(bind_unix(cfg.server.socket, cfg.server.socket_mode))
         health = self.listener("health")

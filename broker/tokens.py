@@ -40,7 +40,7 @@ def refresh_at(token: Token) -> float:
     return min(due, token.expires_on - margin(token))
 
 
-def retry_delay(failures: int) -> float:
+def refresh_backoff(failures: int) -> float:
     """Seconds between background refresh attempts after ``failures`` failed ones in a row."""
     return min(MAX_RETRY_DELAY, 2.0 ** max(failures - 1, 0))
 
@@ -180,7 +180,7 @@ class TokenCache:
                 "refresh of %s failed (%s); serving the cached token, %.0fs left",
                 key.resource, exc, entry.token.expires_on - now,
             )
-            delay = max(retry_delay(entry.failures), self._hold_until - now)
+            delay = max(refresh_backoff(entry.failures), self._hold_until - now)
             self._schedule(key, entry, delay)
         else:
             # Nothing servable to keep: a failed lookup must not take an LRU place from a warm entry.

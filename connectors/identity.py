@@ -31,6 +31,14 @@ MAX_IDENTITIES = 32
 IMDS_DEFAULT = "http://169.254.169.254"
 
 
+DEFAULT_SCOPE = "/.default"
+
+
+def resource_of(scope: str) -> str:
+    """The resource an OAuth scope or a resource string names: ``R/.default`` means ``R``."""
+    return scope.removesuffix(DEFAULT_SCOPE)
+
+
 @dataclass(frozen=True)
 class Identity:
     """Which identity a token is for: the broker's default, or a user-assigned one by one id."""
@@ -101,7 +109,7 @@ class _Protocol:
     async def request(self, resource: str, app_registration: bool) -> Any:
         if app_registration:
             # Credentials for app registrations take scopes; _request_token skips their cache.
-            return await self.client._request_token(resource + "/.default")
+            return await self.client._request_token(resource + DEFAULT_SCOPE)
         return await self.client.request_token(resource)
 
 

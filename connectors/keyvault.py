@@ -22,7 +22,7 @@ from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOpt
 from azure.keyvault.secrets.aio import SecretClient
 
 from connectors import errors, sdk
-from connectors.identity import Token
+from connectors.identity import Token, resource_of
 from connectors.retry import RetryPolicy
 
 TokenSource = Callable[[str], Awaitable[Token]]
@@ -32,7 +32,6 @@ _VAULT_STATUSES: sdk.StatusFamilies = {404: errors.NotFound, 403: errors.Forbidd
 
 _NAME = re.compile(r"[0-9a-zA-Z-]{1,127}")
 _VERSION = re.compile(r"[0-9a-zA-Z]{1,64}")
-_SCOPE_SUFFIX = "/.default"
 
 
 def valid_name(name: str) -> bool:
@@ -95,7 +94,7 @@ class TokenSourceCredential:
         if len(scopes) != 1:
             raise ValueError(f"expected one scope, got {len(scopes)}")
         scope = scopes[0]
-        resource = scope[: -len(_SCOPE_SUFFIX)] if scope.endswith(_SCOPE_SUFFIX) else scope
+        resource = resource_of(scope)
         return await self._tokens(resource)
 
     async def close(self) -> None:

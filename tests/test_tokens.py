@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from broker.tokens import TokenCache, TokenKey, margin, refresh_at, retry_delay, servable
+from broker.tokens import TokenCache, TokenKey, margin, refresh_at, refresh_backoff, servable
 from connectors import errors
 from connectors.identity import DEFAULT_IDENTITY, Token
 from connectors.retry import RetryPolicy
@@ -41,8 +41,8 @@ def test_refresh_at_half_life_or_refresh_in() -> None:
 
 
 def test_retry_delay_grows_and_caps() -> None:
-    assert [retry_delay(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
-    assert retry_delay(50) == 60
+    assert [refresh_backoff(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
+    assert refresh_backoff(50) == 60
 
 
 def test_upstream_retry_rules() -> None:

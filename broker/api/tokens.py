@@ -12,9 +12,7 @@ from broker.api.state import SERVICES, client_of
 from broker.errors import BadRequest, BrokerError, Forbidden, NotFound
 from broker.tokens import TokenKey
 from connectors.errors import ConnectorError
-from connectors.identity import DEFAULT_IDENTITY, Identity, IdentityKind
-
-DEFAULT_SCOPE_SUFFIX = "/.default"
+from connectors.identity import DEFAULT_IDENTITY, Identity, IdentityKind, resource_of
 
 # Every spelling callers use for a user-assigned identity, by what it names.
 _IDENTITY_PARAMS: dict[str, IdentityKind] = {
@@ -63,7 +61,7 @@ async def token(request: web.Request) -> web.Response:
     resource = params.get("resource", "")
     if not resource:
         raise BadRequest("missing the 'resource' parameter, e.g. resource=https://vault.azure.net")
-    audience = resource.removesuffix(DEFAULT_SCOPE_SUFFIX)
+    audience = resource_of(resource)
     identity = requested_identity(params)
     if identity.kind != "default" and not services.user_assigned:
         raise BadRequest("this broker's identity source has one identity only; "
