@@ -24,8 +24,7 @@ log = logging.getLogger("tokenbroker")
 
 DESCRIPTION = """\
 tokenbroker gets Azure managed-identity tokens once per host, keeps them fresh, and hands
-local programs what they need (tokens, Key Vault secrets, authenticated SQL) over a Unix
-socket or loopback HTTP.
+local programs what they need (tokens, Key Vault secrets) over a Unix socket or loopback HTTP.
 
 Start here:
   tokenbroker serve --dev          run against a built-in emulator, no Azure needed
