@@ -9,13 +9,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import __version__, logs
 from broker.client import BrokerClient, BrokerRefused, BrokerUnreachable, default_socket_path
 from broker.errors import ConfigError
+
+if TYPE_CHECKING:  # the service's modules load only for the commands that need them
+    from broker.config import Config
+    from broker.emulator import Emulator
+    from broker.service import Broker
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -188,21 +193,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(config))
 
 
-async def _serve(config: Any, emulator: Any = None, environ: Any = None, announce: Any = None) -> int:
-    from broker.service import Broker, StartupError, serve
-
-    broker = Broker(config, environ=environ, emulator=emulator)
-    try:
-        return await serve(broker, announce)
-    except ConfigError as error:
+def _cannot_start(error: Exception) -> int:
+    """The exit code, and the lines, for a broker that cannot start: no traceback."""
+    if isinstance(error, ConfigError):
         _print_problems(error)
         return EXIT_USAGE
-    except StartupError as error:
-        print(f"tokenbroker: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+    print(f"tokenbroker: {error}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
-async def _serve_dev(args: argparse.Namespace, config: Any = None) -> int:
+async def _serve(
+    config: Config,
+    emulator: Emulator | None = None,
+    environ: Mapping[str, str] | None = None,
+    announce: Callable[[Broker], None] | None = None,
+) -> int:
+    from broker.service import Broker, StartupError, serve
+
+    try:
+        return await serve(Broker(config, environ=environ, emulator=emulator), announce)
+    except (ConfigError, StartupError) as error:
+        return _cannot_start(error)
+
+
+async def _serve_dev(args: argparse.Namespace, config: Config | None = None) -> int:
     from broker.devmode import announcement, dev_config, dev_environ
     from broker.emulator import Emulator, seed_demo
     from broker.service import StartupError
@@ -212,14 +226,10 @@ async def _serve_dev(args: argparse.Namespace, config: Any = None) -> int:
         seed_demo(emulator)
         try:
             config = config or dev_config(emulator, environ)
-        except ConfigError as error:
-            _print_problems(error)
-            return EXIT_USAGE
-        except StartupError as error:
-            print(f"tokenbroker: {error}", file=sys.stderr)
-            return EXIT_FAILURE
+        except (ConfigError, StartupError) as error:
+            return _cannot_start(error)
 
-        def announce(broker: Any) -> None:
+        def announce(broker: Broker) -> None:
             addresses = {item.role: item.address for item in broker.listeners}
             print(announcement(addresses, environ["TOKENBROKER_DEV_KEY"]), flush=True)
 
