@@ -214,7 +214,10 @@ async def test_status_metrics_and_cli_show_no_values(vault_broker: RunningBroker
     assert body["value"] == CANARY
     await read(vault_broker, "/v1/secrets/main/app-canary")  # a hit
     emulator.add_fault("keyvault", Fault(status=500, count=10))
-    await read(vault_broker, "/v1/secrets/main/app-canary-missing")  # an error body
+    status, error_body, _ = await read(vault_broker, "/v1/secrets/main/app-canary-missing")
+    assert status == 502 and CANARY not in str(error_body)
+    status, error_body, _ = await read(vault_broker, "/v1/secrets/main/root-pw", key=KEY)
+    assert status == 403 and CANARY not in str(error_body)
     code, out, err = await cli("secret", "main", "app-canary", "--socket", vault_broker.socket_path)
     assert (code, out.strip()) == (0, CANARY)
     code, out, _ = await cli("status", "--socket", vault_broker.socket_path)
