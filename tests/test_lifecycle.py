@@ -94,6 +94,12 @@ async def running(tmp_path: Path, emulator: Emulator) -> AsyncIterator[BrokerPro
         await process.finish()
 
 
+def slow_request(session: aiohttp.ClientSession) -> asyncio.Task[aiohttp.ClientResponse]:
+    """A token request for an uncached resource, left in flight (the tests make the upstream slow)."""
+    return asyncio.create_task(session.get(
+        "http://localhost/msi/token", params={"resource": "https://slow.example"}, headers={"Metadata": "true"}))
+
+
 async def wait_ready(process: BrokerProcess) -> None:
     async with process.session() as session:
         for _ in range(200):
@@ -108,9 +114,7 @@ async def test_sigterm_lets_slow_inflight_request_finish(running: BrokerProcess,
     await wait_ready(running)
     emulator.add_fault("identity", Fault(mode="delay", delay=2))
     async with running.session() as session:
-        request = asyncio.create_task(session.get(
-            "http://localhost/msi/token", params={"resource": "https://slow.example"},
-            headers={"Metadata": "true"}))
+        request = slow_request(session)
         await asyncio.sleep(0.5)  # the request is now waiting on the slow upstream
         running.proc.send_signal(signal.SIGTERM)
         for _ in range(100):  # the socket file goes as the drain starts
@@ -137,9 +141,7 @@ async def test_readiness_goes_503_at_once_when_draining(running: BrokerProcess, 
     await wait_ready(running)
     emulator.add_fault("identity", Fault(mode="delay", delay=2))
     async with running.session() as session:
-        slow = asyncio.create_task(session.get(
-            "http://localhost/msi/token", params={"resource": "https://slow.example"},
-            headers={"Metadata": "true"}))
+        slow = slow_request(session)
         await asyncio.sleep(0.3)
         async with session.post("http://localhost/quitquitquit", headers={"Metadata": "true"}) as response:
             assert response.status == 202
@@ -228,9 +230,7 @@ async def test_second_signal_stops_at_once(tmp_path: Path, emulator: Emulator) -
     await wait_ready(process)
     emulator.add_fault("identity", Fault(mode="delay", delay=20))
     async with process.session() as session:
-        slow = asyncio.create_task(session.get(
-            "http://localhost/msi/token", params={"resource": "https://slow.example"},
-            headers={"Metadata": "true"}))
+        slow = slow_request(session)
         await asyncio.sleep(0.5)
         process.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
